@@ -1,0 +1,478 @@
+"""The config tree: one dataclass per concern, a docstring under every field.
+
+`Config.validate()` checks what can be checked without building anything and raises a
+`ConfigError` whose message names the field and the accepted values, so a bad config never
+surfaces as a trace from deep inside megatron-core.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Literal, Optional
+
+
+class ConfigError(ValueError):
+    """A config value is wrong; the message names the field and what it accepts."""
+
+
+ARCHITECTURES = ("llama", "qwen2", "qwen3")
+MODES = ("mgrpo", "srt", "ttrl", "rlvr")
+DTYPES = ("fp32", "bf16", "fp16")
+
+
+@dataclass
+class ModelConfig:
+    """The policy's architecture, in Hugging Face terms (config.json field names in comments)."""
+
+    architecture: Literal["llama", "qwen2", "qwen3"] = "llama"
+    """Model family: `llama` (Llama 3: GQA, RoPE with optional llama3 scaling, SwiGLU, RMSNorm),
+    `qwen2` (Qwen2/2.5: as llama plus QKV bias), `qwen3` (Qwen3: as llama plus QK-norm)."""
+
+    hf_config: Optional[str] = None
+    """Path to an HF model directory or config.json. When set, the architecture fields below are
+    read from it and any value given here must agree with it."""
+
+    vocab_size: int = 256
+    """Vocabulary size (`vocab_size`). Padded up to a multiple of `make_vocab_size_divisible_by`
+    times the TP size inside Megatron; log-probs only ever cover the real vocabulary."""
+
+    make_vocab_size_divisible_by: int = 1
+    """Pad the embedding rows to a multiple of this times TP (Megatron uses 128 for speed)."""
+
+    hidden_size: int = 64
+    """Model width (`hidden_size`)."""
+
+    intermediate_size: int = 128
+    """SwiGLU inner width (`intermediate_size`)."""
+
+    num_layers: int = 2
+    """Transformer layers (`num_hidden_layers`)."""
+
+    num_attention_heads: int = 4
+    """Query heads (`num_attention_heads`)."""
+
+    num_key_value_heads: Optional[int] = None
+    """KV heads for GQA (`num_key_value_heads`); None means equal to the query heads."""
+
+    head_dim: Optional[int] = None
+    """Per-head width (`head_dim`); None means hidden_size / num_attention_heads."""
+
+    max_position_embeddings: int = 2048
+    """Longest sequence the model is built for (`max_position_embeddings`)."""
+
+    rope_theta: float = 10000.0
+    """RoPE base (`rope_theta`)."""
+
+    rope_scaling: Optional[Dict[str, Any]] = None
+    """HF `rope_scaling` dict. Supported: None, or `{rope_type: llama3, factor, low_freq_factor,
+    high_freq_factor, original_max_position_embeddings}` (Llama 3.1+)."""
+
+    rms_norm_eps: float = 1e-6
+    """RMSNorm epsilon (`rms_norm_eps`)."""
+
+    tie_word_embeddings: bool = False
+    """Share the input embedding and the output layer (`tie_word_embeddings`)."""
+
+    attention_bias: Optional[bool] = None
+    """Bias on the Q, K, V projections; None means the family's default (True for qwen2)."""
+
+    qk_norm: Optional[bool] = None
+    """RMSNorm on queries and keys per head; None means the family's default (True for qwen3)."""
+
+    params_dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
+    """Precision of the model weights and compute. The optimizer keeps fp32 main params."""
+
+    init_std: float = 0.02
+    """Std of the normal init for freshly built (not loaded) weights."""
+
+    seed: int = 1234
+    """Seed for weight initialisation (per TP rank offsets are derived from it)."""
+
+
+@dataclass
+class ParallelConfig:
+    """How the policy is laid out over ranks. DP is world size / (TP * PP)."""
+
+    tensor_parallel: int = 1
+    """Tensor-parallel size: splits heads, MLP width and the vocabulary."""
+
+    pipeline_parallel: int = 1
+    """Pipeline-parallel size: splits the layers into stages (1F1B schedule)."""
+
+    sequence_parallel: bool = False
+    """Megatron sequence parallelism (needs TP > 1; with the local layer spec it needs apex)."""
+
+    use_distributed_optimizer: bool = True
+    """Shard optimizer state (and the momentum model's EMA) over data-parallel ranks."""
+
+    micro_batch_size: int = 4
+    """Sequences per microbatch in the policy's forward/backward."""
+
+    backend: Literal["auto", "nccl", "gloo"] = "auto"
+    """torch.distributed backend: `auto` is nccl with a GPU and gloo without."""
+
+
+@dataclass
+class RolloutConfig:
+    """Sampling of completions from the policy and the momentum model."""
+
+    backend: Literal["embedded", "sglang"] = "embedded"
+    """`embedded`: in-process engine (CPU, tests). `sglang`: SGLang servers."""
+
+    num_policy_rollouts: int = 4
+    """M: completions per prompt from the policy."""
+
+    num_momentum_rollouts: int = 4
+    """N: completions per prompt from the momentum model (0 for SRT)."""
+
+    temperature: float = 1.0
+    """Sampling temperature (> 0)."""
+
+    top_p: float = 1.0
+    """Nucleus sampling mass, in (0, 1]."""
+
+    max_new_tokens: int = 64
+    """Longest completion, in tokens."""
+
+    momentum_push_interval: int = 1
+    """Push momentum weights to the engine every this many steps (it moves slowly)."""
+
+
+@dataclass
+class AlgorithmConfig:
+    """The M-GRPO method and its baselines. `mode` selects which parts run."""
+
+    mode: Literal["mgrpo", "srt", "ttrl", "rlvr"] = "mgrpo"
+    """`mgrpo`: vote over policy + momentum rollouts. `srt`: vote over the policy's own (N=0).
+    `ttrl`: vote over a large sample, train on a subset. `rlvr`: ground-truth labels."""
+
+    grader: Literal["math", "multiple_choice"] = "math"
+    """How answers are extracted and compared (math: `\\boxed{}` + math-verify equivalence)."""
+
+    momentum: float = 0.99
+    """m in Eq. 1: theta_k <- m * theta_k + (1 - m) * theta_q. In [0, 1)."""
+
+    momentum_update_interval: int = 1
+    """Update the EMA every this many optimizer steps."""
+
+    min_agreement: float = 0.0
+    """Prompts whose majority share is below this get no learning signal. In [0, 1]."""
+
+    iqr_filter: bool = True
+    """Drop low-entropy outlier trajectories (Eq. 2)."""
+
+    iqr_k: float = 0.75
+    """k in the IQR fence Q1 - k * IQR (>= 0)."""
+
+    entropy_floor: Optional[float] = None
+    """Optional absolute entropy floor beside the relative fence (catches whole-batch collapse)."""
+
+    filter_before_normalization: bool = True
+    """Compute group advantage statistics over kept trajectories only (else over all)."""
+
+    train_on_momentum_rollouts: bool = False
+    """Whether the momentum model's N completions also get gradient (importance-weighted);
+    by default they only vote."""
+
+    ttrl_num_train: Optional[int] = None
+    """TTRL: how many of the policy's M completions per prompt are trained on."""
+
+    advantage_eps: float = 1e-6
+    """eps in (r - mean) / (std + eps)."""
+
+    clip_low: float = 0.2
+    """PPO ratio clip below 1 (ratio >= 1 - clip_low)."""
+
+    clip_high: float = 0.2
+    """PPO ratio clip above 1 (ratio <= 1 + clip_high)."""
+
+    kl_coef: float = 0.0
+    """Weight of the low-variance KL to the reference model (0 disables the reference)."""
+
+    entropy_coef: float = 0.0
+    """Weight of the entropy bonus."""
+
+    ppo_epochs: int = 1
+    """Passes over each step's rollouts."""
+
+    ppo_minibatches: int = 1
+    """Optimizer steps per epoch (the rollouts split into this many minibatches)."""
+
+
+@dataclass
+class OptimizerConfig:
+    """Adam through megatron-core's optimizer."""
+
+    lr: float = 1e-5
+    """Peak learning rate."""
+
+    min_lr: float = 0.0
+    """Learning rate at the end of the decay."""
+
+    schedule: Literal["constant", "cosine", "linear"] = "constant"
+    """Decay after warm-up."""
+
+    warmup_fraction: float = 0.0
+    """Share of the training steps spent warming up linearly, in [0, 1)."""
+
+    weight_decay: float = 0.0
+    """Decoupled weight decay."""
+
+    adam_beta1: float = 0.9
+    """Adam beta1."""
+
+    adam_beta2: float = 0.999
+    """Adam beta2."""
+
+    adam_eps: float = 1e-8
+    """Adam epsilon."""
+
+    clip_grad: float = 1.0
+    """Global grad-norm clip (0 disables)."""
+
+
+@dataclass
+class DataConfig:
+    """Prompt data."""
+
+    train_path: Optional[str] = None
+    """jsonl or parquet file of training prompts."""
+
+    val_path: Optional[str] = None
+    """jsonl or parquet file of validation prompts (with answers)."""
+
+    prompt_key: str = "prompt"
+    """Column holding the prompt text."""
+
+    answer_key: Optional[str] = "answer"
+    """Column holding the true answer (used for RLVR and for reporting pseudo-label accuracy
+    only, never for the self-supervised reward)."""
+
+    tokenizer: Optional[str] = None
+    """Tokenizer: an HF tokenizer directory or a sentencepiece `.model` file."""
+
+    max_prompt_length: int = 128
+    """Prompts longer than this (in tokens) are skipped and counted."""
+
+    prompts_per_step: int = 8
+    """Prompts per training step."""
+
+    shuffle: bool = True
+    """Shuffle the training prompts every epoch."""
+
+
+@dataclass
+class TrainingConfig:
+    """The run."""
+
+    steps: int = 10
+    """Training steps (one rollout batch each)."""
+
+    seed: int = 1234
+    """Global seed (data order, sampling, dropout)."""
+
+    run_dir: str = "runs/default"
+    """Where metrics, plots and checkpoints go."""
+
+    save_interval: int = 0
+    """Checkpoint every this many steps (0: only at the end)."""
+
+    eval_interval: int = 0
+    """Validation every this many steps (0: never)."""
+
+    resume: bool = False
+    """Continue from the newest checkpoint in run_dir."""
+
+
+@dataclass
+class LoggingConfig:
+    """What the run reports."""
+
+    log_interval: int = 1
+    """Print a line every this many steps."""
+
+    tensorboard: bool = True
+    """Write TensorBoard events beside metrics.jsonl."""
+
+    progress_bar: bool = True
+    """Show a progress bar on rank 0."""
+
+
+@dataclass
+class Config:
+    """The whole run."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """The policy's architecture."""
+
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    """Tensor/pipeline/data parallel layout."""
+
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    """Sampling from the policy and the momentum model."""
+
+    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    """The method (mode, vote, filter, loss, EMA)."""
+
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    """Adam settings and schedule."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    """Prompt data and tokenizer."""
+
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    """Steps, seeds, checkpoints."""
+
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    """Metrics and progress."""
+
+    def validate(self, world_size: Optional[int] = None) -> "Config":
+        """Check cross-field constraints; raise ConfigError naming the field. Returns self."""
+        _validate(self, world_size)
+        return self
+
+
+def _fail(path: str, value: Any, accepted: str) -> None:
+    raise ConfigError(f"{path}: got {value!r}; accepted: {accepted}")
+
+
+def _positive(path: str, value: Any) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        _fail(path, value, "an integer >= 1")
+
+
+def _one_of(path: str, value: Any, choices: tuple) -> None:
+    if value not in choices:
+        _fail(path, value, " | ".join(choices))
+
+
+LLAMA3_ROPE_KEYS = ("factor", "low_freq_factor", "high_freq_factor",
+                    "original_max_position_embeddings")
+
+
+def _validate(cfg: Config, world_size: Optional[int]) -> None:
+    m, p, r, a, o, d, t = (cfg.model, cfg.parallel, cfg.rollout, cfg.algorithm, cfg.optimizer,
+                           cfg.data, cfg.training)
+    _one_of("model.architecture", m.architecture, ARCHITECTURES)
+    _one_of("model.params_dtype", m.params_dtype, DTYPES)
+    _one_of("parallel.backend", p.backend, ("auto", "nccl", "gloo"))
+    _one_of("rollout.backend", r.backend, ("embedded", "sglang"))
+    _one_of("algorithm.mode", a.mode, MODES)
+    _one_of("algorithm.grader", a.grader, ("math", "multiple_choice"))
+    _one_of("optimizer.schedule", o.schedule, ("constant", "cosine", "linear"))
+    if m.hf_config:
+        # The architecture comes from the HF config, not from the placeholder defaults here:
+        # check the parallel layout against the real head and layer counts.
+        from megatron_mgrpo.models.architecture import complete
+        m = complete(m)
+    for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers",
+                 "num_attention_heads", "max_position_embeddings", "make_vocab_size_divisible_by"):
+        _positive(f"model.{name}", getattr(m, name))
+    if m.head_dim is not None:
+        _positive("model.head_dim", m.head_dim)
+    kv = m.num_key_value_heads if m.num_key_value_heads is not None else m.num_attention_heads
+    _positive("model.num_key_value_heads", kv)
+    if m.num_attention_heads % kv:
+        _fail("model.num_key_value_heads", kv,
+              f"a divisor of model.num_attention_heads={m.num_attention_heads}")
+    if m.head_dim is None and m.hidden_size % m.num_attention_heads:
+        _fail("model.hidden_size", m.hidden_size,
+              f"a multiple of model.num_attention_heads={m.num_attention_heads} "
+              "(or set model.head_dim)")
+    if m.rope_scaling is not None:
+        rtype = m.rope_scaling.get("rope_type", m.rope_scaling.get("type"))
+        if rtype not in ("llama3", "default"):
+            _fail("model.rope_scaling.rope_type", rtype, "llama3 | default | (no rope_scaling)")
+        missing = [k for k in LLAMA3_ROPE_KEYS if k not in m.rope_scaling]
+        if rtype == "llama3" and missing:
+            _fail("model.rope_scaling", m.rope_scaling,
+                  f"llama3 scaling with all of {', '.join(LLAMA3_ROPE_KEYS)} "
+                  f"(missing: {', '.join(missing)})")
+
+    _positive("parallel.tensor_parallel", p.tensor_parallel)
+    _positive("parallel.pipeline_parallel", p.pipeline_parallel)
+    _positive("parallel.micro_batch_size", p.micro_batch_size)
+    if m.num_attention_heads % p.tensor_parallel:
+        _fail("parallel.tensor_parallel", p.tensor_parallel,
+              f"a divisor of model.num_attention_heads={m.num_attention_heads}")
+    if kv % p.tensor_parallel and p.tensor_parallel % kv:
+        _fail("parallel.tensor_parallel", p.tensor_parallel,
+              f"a divisor or multiple of model.num_key_value_heads={kv}")
+    if m.intermediate_size % p.tensor_parallel:
+        _fail("parallel.tensor_parallel", p.tensor_parallel,
+              f"a divisor of model.intermediate_size={m.intermediate_size}")
+    if m.num_layers % p.pipeline_parallel:
+        _fail("parallel.pipeline_parallel", p.pipeline_parallel,
+              f"a divisor of model.num_layers={m.num_layers}")
+    if p.sequence_parallel and p.tensor_parallel == 1:
+        _fail("parallel.sequence_parallel", True, "false when parallel.tensor_parallel is 1")
+    if world_size is not None:
+        model_parallel = p.tensor_parallel * p.pipeline_parallel
+        if world_size % model_parallel:
+            _fail("parallel.tensor_parallel * parallel.pipeline_parallel", model_parallel,
+                  f"a divisor of the world size {world_size}")
+
+    if r.num_policy_rollouts < 1:
+        _fail("rollout.num_policy_rollouts", r.num_policy_rollouts, "an integer >= 1")
+    if r.num_momentum_rollouts < 0:
+        _fail("rollout.num_momentum_rollouts", r.num_momentum_rollouts, "an integer >= 0")
+    if a.mode in ("mgrpo", "srt", "ttrl") and r.num_policy_rollouts + r.num_momentum_rollouts < 2:
+        _fail("rollout.num_policy_rollouts + rollout.num_momentum_rollouts",
+              r.num_policy_rollouts + r.num_momentum_rollouts,
+              f">= 2 (a vote needs at least two completions in mode {a.mode})")
+    if a.mode == "srt" and r.num_momentum_rollouts != 0:
+        _fail("rollout.num_momentum_rollouts", r.num_momentum_rollouts, "0 in mode srt")
+    if a.mode == "mgrpo" and r.num_momentum_rollouts < 1:
+        _fail("rollout.num_momentum_rollouts", r.num_momentum_rollouts,
+              ">= 1 in mode mgrpo (use mode srt for N = 0)")
+    if a.mode == "ttrl" and a.ttrl_num_train is not None and not (
+            1 <= a.ttrl_num_train <= r.num_policy_rollouts):
+        _fail("algorithm.ttrl_num_train", a.ttrl_num_train,
+              f"an integer in [1, rollout.num_policy_rollouts={r.num_policy_rollouts}]")
+    if not r.temperature > 0:
+        _fail("rollout.temperature", r.temperature, "a number > 0")
+    if not 0 < r.top_p <= 1:
+        _fail("rollout.top_p", r.top_p, "a number in (0, 1]")
+    _positive("rollout.max_new_tokens", r.max_new_tokens)
+    _positive("rollout.momentum_push_interval", r.momentum_push_interval)
+
+    if not 0 <= a.momentum < 1:
+        _fail("algorithm.momentum", a.momentum, "a number in [0, 1)")
+    _positive("algorithm.momentum_update_interval", a.momentum_update_interval)
+    if not 0 <= a.min_agreement <= 1:
+        _fail("algorithm.min_agreement", a.min_agreement, "a number in [0, 1]")
+    if a.iqr_k < 0:
+        _fail("algorithm.iqr_k", a.iqr_k, "a number >= 0")
+    if a.entropy_floor is not None and a.entropy_floor < 0:
+        _fail("algorithm.entropy_floor", a.entropy_floor, "null or a number >= 0")
+    if a.clip_low < 0 or a.clip_low >= 1:
+        _fail("algorithm.clip_low", a.clip_low, "a number in [0, 1)")
+    if a.clip_high < 0:
+        _fail("algorithm.clip_high", a.clip_high, "a number >= 0")
+    for name in ("kl_coef", "entropy_coef", "advantage_eps"):
+        if getattr(a, name) < 0:
+            _fail(f"algorithm.{name}", getattr(a, name), "a number >= 0")
+    _positive("algorithm.ppo_epochs", a.ppo_epochs)
+    _positive("algorithm.ppo_minibatches", a.ppo_minibatches)
+
+    if not o.lr > 0:
+        _fail("optimizer.lr", o.lr, "a number > 0")
+    if o.min_lr < 0 or o.min_lr > o.lr:
+        _fail("optimizer.min_lr", o.min_lr, f"a number in [0, optimizer.lr={o.lr}]")
+    if not 0 <= o.warmup_fraction < 1:
+        _fail("optimizer.warmup_fraction", o.warmup_fraction, "a number in [0, 1)")
+    for name in ("adam_beta1", "adam_beta2"):
+        if not 0 <= getattr(o, name) < 1:
+            _fail(f"optimizer.{name}", getattr(o, name), "a number in [0, 1)")
+    if o.clip_grad < 0:
+        _fail("optimizer.clip_grad", o.clip_grad, "a number >= 0 (0 disables clipping)")
+
+    _positive("data.max_prompt_length", d.max_prompt_length)
+    _positive("data.prompts_per_step", d.prompts_per_step)
+    if a.mode == "rlvr" and not d.answer_key:
+        _fail("data.answer_key", d.answer_key, "a column name (mode rlvr needs true answers)")
+
+    _positive("training.steps", t.steps)
+    for name in ("save_interval", "eval_interval"):
+        if getattr(t, name) < 0:
+            _fail(f"training.{name}", getattr(t, name), "an integer >= 0")

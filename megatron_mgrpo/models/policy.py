@@ -1,0 +1,258 @@
+"""The trainable policy: megatron-core model chunks, DDP, optimizer and LR schedule.
+
+Two operations, both through megatron-core's `get_forward_backward_func` so that TP, PP (1F1B)
+and DP behave exactly as in megatron training:
+- `logprobs(batch)`: forward only; per-token log-probs and entropies, on every rank.
+- `train_step(batch, loss_fn)`: forward + backward + optimizer step. `loss_fn` turns a
+  microbatch's log-probs (and entropies) into a per-token loss *sum*; megatron divides the
+  gradients by the global token count, so the objective is a token mean over the global batch.
+
+Batches are dicts of tensors with a leading batch dimension: `input_ids` [B, S] (prompt and
+completion, right-padded), `loss_mask` [B, S] (1 where a token is trained on) and whatever the
+loss needs (`advantages`, `old_logprobs`, ...). Each DP rank passes its own shard.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+from typing import Callable, Dict, List, Optional, Tuple
+
+import torch
+import torch.distributed as dist
+
+from megatron_mgrpo.config.schema import Config, ModelConfig, OptimizerConfig, ParallelConfig
+from megatron_mgrpo.models.architecture import complete
+from megatron_mgrpo.models.gpt import TORCH_DTYPES, build_policy, transformer_config
+from megatron_mgrpo.models.logprobs import completion_logprobs
+from megatron_mgrpo.parallel import ParallelContext
+from megatron_mgrpo.weights.megatron_layout import gather_full_state_dict, load_full_state_dict
+
+Batch = Dict[str, torch.Tensor]
+# (logprobs [b, S], entropy [b, S] or None, microbatch) -> (loss sum, token count, metric sums)
+LossFn = Callable[[torch.Tensor, Optional[torch.Tensor], Batch],
+                  Tuple[torch.Tensor, torch.Tensor, Dict[str, torch.Tensor]]]
+
+
+@dataclass
+class StepResult:
+    """What one optimizer step reports (identical on every rank)."""
+
+    loss: float
+    """Token-mean loss over the global batch."""
+    grad_norm: float
+    """Global grad norm before clipping."""
+    num_tokens: int
+    """Tokens that carried loss, over all DP ranks."""
+    metrics: Dict[str, float]
+    """Sums over the global batch of what `loss_fn` reported, divided by num_tokens."""
+    lr: float
+    """Learning rate used for this step."""
+
+
+def _split_micro(batch: Batch, micro_batch_size: int) -> List[Batch]:
+    """Split into equal microbatches; pad the last with all-masked rows (PP P2P needs fixed
+    shapes, and masked rows contribute nothing)."""
+    n = next(iter(batch.values())).shape[0]
+    num = max(1, -(-n // micro_batch_size))
+    padded_n = num * micro_batch_size
+    out = {}
+    for k, v in batch.items():
+        if padded_n > n:
+            filler = torch.zeros((padded_n - n,) + tuple(v.shape[1:]), dtype=v.dtype,
+                                 device=v.device)
+            v = torch.cat([v, filler], dim=0)
+        out[k] = v
+    return [{k: v[i * micro_batch_size:(i + 1) * micro_batch_size] for k, v in out.items()}
+            for i in range(num)]
+
+
+class MegatronPolicy:
+    """A GPTModel stage on this rank, wrapped in megatron DDP, with its optimizer."""
+
+    def __init__(self, cfg: Config, ctx: ParallelContext, total_steps: Optional[int] = None,
+                 temperature: float = 1.0):
+        from megatron.core.distributed import (DistributedDataParallel,
+                                               DistributedDataParallelConfig,
+                                               finalize_model_grads)
+
+        self.ctx = ctx
+        self.model_cfg: ModelConfig = complete(cfg.model)
+        self.parallel: ParallelConfig = cfg.parallel
+        self.temperature = temperature
+        self.config = transformer_config(self.model_cfg, cfg.parallel)
+        module = build_policy(self.model_cfg, cfg.parallel, pg_collection=ctx.pg_collection,
+                              config=self.config)
+        module.to(ctx.device)
+        ddp_config = DistributedDataParallelConfig(
+            grad_reduce_in_fp32=True,
+            overlap_grad_reduce=False,
+            use_distributed_optimizer=cfg.parallel.use_distributed_optimizer,
+        )
+        self.model = DistributedDataParallel(config=self.config, ddp_config=ddp_config,
+                                             module=module, pg_collection=ctx.pg_collection)
+        self.config.finalize_model_grads_func = finalize_model_grads
+        self.config.no_sync_func = self.model.no_sync
+        self.optimizer = _build_optimizer(cfg.optimizer, cfg.parallel, self.model_cfg,
+                                          [self.model], ctx)
+        self.scheduler = _build_scheduler(self.optimizer, cfg.optimizer,
+                                          total_steps or cfg.training.steps)
+
+    # ---- weights ---------------------------------------------------------------------------
+
+    def load_full_state_dict(self, full: Dict[str, torch.Tensor]) -> None:
+        """Load full (unsplit, HF-vocab-sized) megatron-named tensors into this rank's shards
+        and refresh the optimizer's fp32 main params from them."""
+        load_full_state_dict(self.unwrapped, full, self.ctx.tp_rank, self.ctx.tp_size)
+        self.optimizer.reload_model_params()
+
+    def full_state_dict(self, grads: bool = False) -> Dict[str, torch.Tensor]:
+        """The full state dict (or the full main grads) on every rank. Small models only."""
+        tensor_of = (lambda p: p.main_grad) if grads else (lambda p: p.data)
+        return gather_full_state_dict(self.unwrapped, self.ctx, self.model_cfg.vocab_size,
+                                      tensor_of)
+
+    # ---- forward ---------------------------------------------------------------------------
+
+    @property
+    def unwrapped(self):
+        """The bare GPTModel (named parameters without the DDP prefix)."""
+        return self.model.module
+
+    def _forward_step(self, data_iterator, model, loss_fn=None, with_entropy=True):
+        micro = next(data_iterator)
+        ids = micro["input_ids"].to(self.ctx.device)
+        pos = torch.arange(ids.shape[1], device=ids.device).unsqueeze(0).expand_as(ids)
+        output = model(ids, pos, None)
+        return output, partial(self._loss_func, micro, ids, loss_fn, with_entropy)
+
+    def _loss_func(self, micro, ids, loss_fn, with_entropy, logits):
+        lp, ent = completion_logprobs(
+            logits, ids, self.ctx.tp_group, self.ctx.tp_rank, self.ctx.tp_size,
+            real_vocab_size=self.model_cfg.vocab_size, temperature=self.temperature,
+            with_entropy=with_entropy)
+        if loss_fn is None:  # forward only: hand the values back through the data store
+            zero = lp.sum() * 0.0
+            return zero, torch.tensor(0, dtype=torch.int), {"logprobs": lp.detach(),
+                                                            "entropy": ent.detach()}
+        loss_sum, num_tokens, metrics = loss_fn(lp, ent, micro)
+        metrics = {k: v.detach().float() for k, v in metrics.items()}
+        metrics["loss_sum"] = loss_sum.detach().float()
+        metrics["num_tokens"] = num_tokens.detach().float()
+        return loss_sum, num_tokens.to(torch.int), metrics
+
+    def _run(self, batch: Batch, loss_fn: Optional[LossFn], forward_only: bool,
+             with_entropy: bool):
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        micros = _split_micro(batch, self.parallel.micro_batch_size)
+        seq_len = batch["input_ids"].shape[1]
+        fb = get_forward_backward_func()
+        return micros, fb(
+            forward_step_func=partial(self._forward_step, loss_fn=loss_fn,
+                                      with_entropy=with_entropy),
+            data_iterator=iter(micros),
+            model=[self.model],
+            num_microbatches=len(micros),
+            seq_length=seq_len,
+            micro_batch_size=self.parallel.micro_batch_size,
+            forward_only=forward_only,
+        )
+
+    @torch.no_grad()
+    def logprobs(self, batch: Batch, with_entropy: bool = True
+                 ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """Per-token log-probs [B, S] (position t scores token t) and entropies, on all ranks."""
+        self.model.eval()
+        n, seq_len = batch["input_ids"].shape
+        _, store = self._run(batch, None, forward_only=True, with_entropy=with_entropy)
+        if self.ctx.is_last_stage:
+            lp = torch.cat([d["logprobs"] for d in store])[:n]
+            ent = torch.cat([d["entropy"] for d in store])[:n] if with_entropy else None
+        else:
+            lp = torch.empty(n, seq_len, device=self.ctx.device)
+            ent = torch.empty(n, seq_len, device=self.ctx.device) if with_entropy else None
+        if self.ctx.pp_size > 1:  # results live on the last stage; every stage needs them
+            src = dist.get_global_rank(self.ctx.pp_group, self.ctx.pp_size - 1)
+            dist.broadcast(lp, src=src, group=self.ctx.pp_group)
+            if ent is not None:
+                dist.broadcast(ent, src=src, group=self.ctx.pp_group)
+        self.model.train()
+        return lp, ent
+
+    # ---- update ----------------------------------------------------------------------------
+
+    def compute_grads(self, batch: Batch, loss_fn: LossFn, with_entropy: bool = False
+                      ) -> Tuple[float, int, Dict[str, float]]:
+        """Forward + backward into the (DP-reduced, token-normalised) grad buffers.
+
+        Returns (global token-mean loss, global token count, metric means)."""
+        self.model.train()
+        self.model.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        _, store = self._run(batch, loss_fn, forward_only=False, with_entropy=with_entropy)
+        return self._reduce_metrics(store)
+
+    def train_step(self, batch: Batch, loss_fn: LossFn, with_entropy: bool = False
+                   ) -> StepResult:
+        """One optimizer step on this batch (this rank's DP shard of it)."""
+        loss, num_tokens, metrics = self.compute_grads(batch, loss_fn, with_entropy)
+        lr = self.optimizer.param_groups[0]["lr"]
+        ok, grad_norm, _ = self.optimizer.step()
+        if not ok:
+            raise FloatingPointError("optimizer step skipped (non-finite gradients)")
+        self.scheduler.step(increment=1)
+        return StepResult(loss=loss, grad_norm=float(grad_norm or 0.0),
+                          num_tokens=num_tokens, metrics=metrics, lr=lr)
+
+    def _reduce_metrics(self, store) -> Tuple[float, int, Dict[str, float]]:
+        """Sum the per-microbatch metric sums over microbatches and DP ranks; every PP stage
+        gets the last stage's numbers. Returns (loss, tokens, metrics), token means."""
+        keys = sorted(store[0]) if (self.ctx.is_last_stage and store) else None
+        if self.ctx.pp_size > 1:  # only the last stage ran the loss and knows the keys
+            holder = [keys]
+            src = dist.get_global_rank(self.ctx.pp_group, self.ctx.pp_size - 1)
+            dist.broadcast_object_list(holder, src=src, group=self.ctx.pp_group)
+            keys = holder[0]
+        vec = torch.zeros(len(keys), dtype=torch.float64, device=self.ctx.device)
+        if self.ctx.is_last_stage:
+            for d in store:
+                vec += torch.stack([d[k].double().sum() for k in keys]).to(vec.device)
+        if self.ctx.pp_size > 1:  # zeros elsewhere, so the sum is a broadcast
+            dist.all_reduce(vec, group=self.ctx.pp_group)
+        dist.all_reduce(vec, group=self.ctx.dp_group)
+        sums = dict(zip(keys, vec.tolist()))
+        num_tokens = int(round(sums.pop("num_tokens")))
+        denom = max(num_tokens, 1)
+        loss = sums.pop("loss_sum") / denom
+        return loss, num_tokens, {k: v / denom for k, v in sums.items()}
+
+
+def _build_optimizer(o: OptimizerConfig, parallel: ParallelConfig, m: ModelConfig, chunks,
+                     ctx: ParallelContext):
+    from megatron.core.optimizer import OptimizerConfig as MegatronOptimizerConfig
+    from megatron.core.optimizer import get_megatron_optimizer
+
+    dtype = TORCH_DTYPES[m.params_dtype]
+    mcfg = MegatronOptimizerConfig(
+        optimizer="adam", lr=o.lr, min_lr=o.min_lr, weight_decay=o.weight_decay,
+        adam_beta1=o.adam_beta1, adam_beta2=o.adam_beta2, adam_eps=o.adam_eps,
+        clip_grad=o.clip_grad, bf16=dtype is torch.bfloat16, fp16=dtype is torch.float16,
+        params_dtype=dtype, use_distributed_optimizer=parallel.use_distributed_optimizer,
+        # fp16 needs a loss scale; bf16 and fp32 do not.
+        initial_loss_scale=2 ** 16 if dtype is torch.float16 else 2 ** 32,
+    )
+    return get_megatron_optimizer(mcfg, chunks, pg_collection=None,
+                                  use_gloo_process_groups=ctx.device.type == "cpu")
+
+
+def _build_scheduler(optimizer, o: OptimizerConfig, total_steps: int):
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    warmup = int(o.warmup_fraction * total_steps)
+    style = {"constant": "constant", "cosine": "cosine", "linear": "linear"}[o.schedule]
+    return OptimizerParamScheduler(
+        optimizer, init_lr=0.0 if warmup else o.lr, max_lr=o.lr, min_lr=o.min_lr,
+        lr_warmup_steps=warmup, lr_decay_steps=max(total_steps, warmup + 1),
+        lr_decay_style=style, start_wd=o.weight_decay, end_wd=o.weight_decay,
+        wd_incr_steps=max(total_steps, 1), wd_incr_style="constant")

@@ -1,0 +1,151 @@
+"""TP=2, PP=2 and DP=2 (distributed optimizer) against TP=1 on the same weights and batch.
+
+Every run is real megatron-core over gloo in spawned processes. The reference is the TP=1,
+PP=1, DP=1 run of the same model; the others load its initial weights, so log-probs,
+entropies, loss, gradients and the weights after optimizer steps must agree (fp32).
+"""
+
+import pytest
+import torch
+
+from tests.distributed import run_workers
+
+MODELS = {
+    # GQA + QK-norm, a vocabulary that TP=2 must pad (101 -> 102), untied output layer.
+    "qwen3": dict(architecture="qwen3", vocab_size=101, hidden_size=64, intermediate_size=96,
+                  num_layers=2, num_attention_heads=4, num_key_value_heads=2),
+    # QKV bias, tied embeddings (the last PP stage holds a copy of the embedding).
+    "qwen2": dict(architecture="qwen2", vocab_size=96, hidden_size=64, intermediate_size=128,
+                  num_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                  tie_word_embeddings=True),
+    # Llama 3 with RoPE scaling, MHA.
+    "llama": dict(architecture="llama", vocab_size=80, hidden_size=32, intermediate_size=64,
+                  num_layers=2, num_attention_heads=4,
+                  rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0,
+                                    high_freq_factor=4.0, original_max_position_embeddings=8)),
+}
+
+
+LR = 1e-2
+# Weights after Adam steps agree to a small share of one step's size.
+WEIGHT_ATOL = 1e-2 * LR
+
+
+def make_batch(vocab: int, batch: int = 6, seq: int = 16, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab, (batch, seq), generator=g)
+    mask = torch.zeros(batch, seq)
+    for i in range(batch):  # prompts of different lengths, some right padding
+        start, end = 3 + i % 4, seq - (i % 3) * 2
+        mask[i, start:end] = 1
+    return {
+        "input_ids": ids,
+        "loss_mask": mask,
+        "advantages": torch.randn(batch, generator=g),
+        "old_logprobs": -4.5 + 0.1 * torch.randn(batch, seq, generator=g),
+    }
+
+
+def pg_loss(lp, ent, micro):
+    """A policy-gradient surrogate with an entropy term, so the TP reductions of both the
+    log-probs and the entropy are exercised in the backward."""
+    mask = micro["loss_mask"]
+    ratio = torch.exp(lp - micro["old_logprobs"])
+    per_token = -(micro["advantages"][:, None] * ratio) - 0.1 * ent
+    return (per_token * mask).sum(), mask.sum(), {"ratio": (ratio * mask).sum()}
+
+
+def policy_worker(model_kw, tp, pp, dist_opt, full_sd, batch, steps):
+    from megatron_mgrpo.config.schema import Config, ModelConfig, ParallelConfig
+    from megatron_mgrpo.models.policy import MegatronPolicy
+    from megatron_mgrpo.parallel import init_parallel
+
+    cfg = Config(model=ModelConfig(**model_kw),
+                 parallel=ParallelConfig(tensor_parallel=tp, pipeline_parallel=pp,
+                                         micro_batch_size=2, use_distributed_optimizer=dist_opt))
+    cfg.optimizer.lr = LR
+    # Adam turns a gradient at fp-noise level (rows of rarely seen tokens) into a full +-lr
+    # step; eps well above that noise keeps the comparison about the maths, not rounding.
+    cfg.optimizer.adam_eps = 1e-6
+    ctx = init_parallel(cfg.parallel, seed=7)
+    policy = MegatronPolicy(cfg, ctx, total_steps=steps)
+    if full_sd is not None:
+        policy.load_full_state_dict(full_sd)
+    out = {"init": policy.full_state_dict(), "dp_rank": ctx.dp_rank}
+    local = {k: v.chunk(ctx.dp_size)[ctx.dp_rank] for k, v in batch.items()}
+    out["logprobs"], out["entropy"] = policy.logprobs(local)
+    out["loss"], out["num_tokens"], out["metrics"] = policy.compute_grads(
+        local, pg_loss, with_entropy=True)
+    if ctx.dp_size == 1:  # with DP > 1 the distributed optimizer holds reduce-scattered shards
+        out["grads"] = policy.full_state_dict(grads=True)
+    out["steps"] = [policy.train_step(local, pg_loss, with_entropy=True) for _ in range(steps)]
+    out["final"] = policy.full_state_dict()
+    return out
+
+
+@pytest.fixture(scope="module")
+def references():
+    """TP=1 PP=1 DP=1 runs, one per model (built lazily, shared by the tests)."""
+    cache = {}
+
+    def get(name):
+        if name not in cache:
+            batch = make_batch(MODELS[name]["vocab_size"])
+            (ref,) = run_workers(policy_worker, 1, MODELS[name], 1, 1, False, None, batch, 2)
+            cache[name] = (ref, batch)
+        return cache[name]
+
+    return get
+
+
+def assert_close_dicts(got, want, atol, rtol, what):
+    assert got.keys() == want.keys(), f"{what}: names differ: {set(got) ^ set(want)}"
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], atol=atol, rtol=rtol,
+                                   msg=lambda m, k=k: f"{what} {k}: {m}")
+
+
+def check_against(ref, runs, check_grads=True):
+    for run in runs:
+        torch.testing.assert_close(run["logprobs"], ref["logprobs"], atol=2e-5, rtol=1e-5)
+        torch.testing.assert_close(run["entropy"], ref["entropy"], atol=2e-5, rtol=1e-5)
+        assert run["num_tokens"] == ref["num_tokens"]
+        assert run["loss"] == pytest.approx(ref["loss"], rel=1e-5, abs=1e-6)
+        if check_grads:
+            assert_close_dicts(run["grads"], ref["grads"], atol=1e-6, rtol=1e-4, what="grad")
+        for got, want in zip(run["steps"], ref["steps"]):
+            assert got.loss == pytest.approx(want.loss, rel=1e-5, abs=1e-6)
+            assert got.grad_norm == pytest.approx(want.grad_norm, rel=1e-4)
+        assert_close_dicts(run["final"], ref["final"], atol=WEIGHT_ATOL, rtol=0, what="weight")
+
+
+@pytest.mark.parametrize("name", ["qwen3", "llama"])
+def test_tensor_parallel_matches_tp1(references, name):
+    ref, batch = references(name)
+    runs = run_workers(policy_worker, 2, MODELS[name], 2, 1, False, ref["init"], batch, 2)
+    check_against(ref, runs)
+
+
+@pytest.mark.parametrize("name", ["qwen3", "qwen2"])
+def test_pipeline_parallel_matches_pp1(references, name):
+    ref, batch = references(name)
+    runs = run_workers(policy_worker, 2, MODELS[name], 1, 2, False, ref["init"], batch, 2)
+    check_against(ref, runs)
+
+
+def test_distributed_optimizer_dp2_matches_dp1(references):
+    ref, batch = references("qwen3")
+    runs = run_workers(policy_worker, 2, MODELS["qwen3"], 1, 1, True, ref["init"], batch, 2)
+    n = batch["input_ids"].shape[0]
+    for run in runs:  # each DP rank saw its half of the batch
+        rows = slice(run["dp_rank"] * n // 2, (run["dp_rank"] + 1) * n // 2)
+        torch.testing.assert_close(run["logprobs"], ref["logprobs"][rows], atol=2e-5, rtol=1e-5)
+        assert run["loss"] == pytest.approx(ref["loss"], rel=1e-5)
+        assert run["num_tokens"] == ref["num_tokens"]
+        for got, want in zip(run["steps"], ref["steps"]):
+            assert got.loss == pytest.approx(want.loss, rel=1e-5)
+            assert got.grad_norm == pytest.approx(want.grad_norm, rel=1e-4)
+        assert_close_dicts(run["final"], ref["final"], atol=WEIGHT_ATOL, rtol=0, what="weight")
+    # The step really moved the weights (a no-op optimizer would pass the equalities above).
+    moved = max((ref["final"][k] - ref["init"][k]).abs().max().item() for k in ref["init"])
+    assert moved > 100 * WEIGHT_ATOL
