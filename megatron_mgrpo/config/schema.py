@@ -30,7 +30,8 @@ class ModelConfig:
 
     hf_config: Optional[str] = None
     """Path to an HF model directory or config.json. When set, the architecture fields below are
-    read from it and any value given here must agree with it."""
+    read from it and take precedence over values written here (only `params_dtype`,
+    `make_vocab_size_divisible_by`, `init_std` and `seed` are kept from this section)."""
 
     vocab_size: int = 256
     """Vocabulary size (`vocab_size`). Padded up to a multiple of `make_vocab_size_divisible_by`
