@@ -180,6 +180,34 @@ class MegatronPolicy:
         self.model.train()
         return lp, ent
 
+    def dp_shard(self, batch: Batch) -> Batch:
+        """This DP rank's equal share of a global batch (all-masked rows pad the tail)."""
+        n = next(iter(batch.values())).shape[0]
+        per = -(-n // self.ctx.dp_size)
+        shards = _split_micro(batch, per)
+        while len(shards) < self.ctx.dp_size:  # fewer rows than ranks: empty, masked shards
+            shards.append({k: torch.zeros_like(v) for k, v in shards[0].items()})
+        return shards[self.ctx.dp_rank]
+
+    @torch.no_grad()
+    def logprobs_global(self, batch: Batch, with_entropy: bool = True
+                        ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """`logprobs` of a global batch: each DP rank scores its shard, then all-gather, so
+        every rank holds [B, S] for the whole batch (the IQR fence is over the global batch)."""
+        n = batch["input_ids"].shape[0]
+        lp, ent = self.logprobs(self.dp_shard(batch), with_entropy)
+        if self.ctx.dp_size == 1:
+            return lp[:n], (ent[:n] if ent is not None else None)
+        out = []
+        for t in (lp, ent):
+            if t is None:
+                out.append(None)
+                continue
+            parts = [torch.empty_like(t) for _ in range(self.ctx.dp_size)]
+            dist.all_gather(parts, t.contiguous(), group=self.ctx.dp_group)
+            out.append(torch.cat(parts)[:n])
+        return out[0], out[1]
+
     # ---- update ----------------------------------------------------------------------------
 
     def compute_grads(self, batch: Batch, loss_fn: LossFn, with_entropy: bool = False

@@ -1,0 +1,4 @@
+"""Install shim: the metadata lives in pyproject.toml."""
+from setuptools import setup
+
+setup()
