@@ -21,7 +21,7 @@ $(VENV)/.installed: pyproject.toml
 install: $(VENV)/.installed
 
 train: install
-	$(VENV)/bin/mgrpo train $(CONFIG) $(ARGS)
+	$(VENV)/bin/mgrpo smoke $(CONFIG) $(ARGS)
 
 test: install
 	$(PY) -m pytest -q $(ARGS)
