@@ -20,6 +20,17 @@ def smoke_worker(overrides):
     return run_smoke(cfg, log=lambda *_: None)
 
 
+def bf16_worker():
+    from megatron_mgrpo.config import load_config
+    from megatron_mgrpo.models.policy import MegatronPolicy
+    from megatron_mgrpo.parallel import init_parallel
+
+    cfg = load_config("examples/tiny/config.yaml", ["--model.params_dtype", "bf16"])
+    policy = MegatronPolicy(cfg, init_parallel(cfg.parallel, seed=cfg.training.seed))
+    dtypes = {str(p.dtype) for p in policy.unwrapped.parameters()}
+    return dtypes, smoke_worker(["--model.params_dtype", "bf16"])
+
+
 @pytest.fixture(scope="module")
 def reference():
     return run_workers(smoke_worker, 1, [])[0]
@@ -47,3 +58,13 @@ def test_parallel_layouts_reproduce_tp1(reference, overrides):
         for got, want in zip(run, reference):
             for k in KEYS:
                 assert got[k] == pytest.approx(want[k], rel=2e-4, abs=2e-5), (got["step"], k)
+
+def test_bf16_policy_is_all_bf16_and_tracks_fp32(reference):
+    (dtypes, run), = run_workers(bf16_worker, 1)
+    assert dtypes == {"torch.bfloat16"}  # norms included (Float16Module), as megatron trains
+    assert run[-1]["loss"] < run[0]["loss"] - 0.05
+    for got, want in zip(run, reference):
+        # bf16 has ~3 significant digits: the same trajectory, to within bf16 rounding.
+        assert got["loss"] == pytest.approx(want["loss"], abs=5e-3)
+        assert got["logp_agree"] == pytest.approx(want["logp_agree"], abs=2e-2)
+        assert got["entropy_mean"] == pytest.approx(want["entropy_mean"], abs=2e-2)

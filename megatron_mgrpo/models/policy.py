@@ -84,6 +84,12 @@ class MegatronPolicy:
         module = build_policy(self.model_cfg, cfg.parallel, pg_collection=ctx.pg_collection,
                               config=self.config)
         module.to(ctx.device)
+        if self.config.bf16 or self.config.fp16:
+            # As in megatron training: every parameter (norms too) in half precision, the first
+            # stage's inputs cast down and the last stage's logits handed back in fp32.
+            from megatron.core.transformer.module import Float16Module
+
+            module = Float16Module(self.config, module)
         ddp_config = DistributedDataParallelConfig(
             grad_reduce_in_fp32=True,
             overlap_grad_reduce=False,
@@ -116,8 +122,13 @@ class MegatronPolicy:
 
     @property
     def unwrapped(self):
-        """The bare GPTModel (named parameters without the DDP prefix)."""
-        return self.model.module
+        """The bare GPTModel (named parameters without the DDP / Float16Module prefixes)."""
+        from megatron.core.models.gpt import GPTModel
+
+        m = self.model
+        while not isinstance(m, GPTModel):
+            m = m.module
+        return m
 
     def _forward_step(self, data_iterator, model, loss_fn=None, with_entropy=True):
         micro = next(data_iterator)
