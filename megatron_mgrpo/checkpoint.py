@@ -1,0 +1,169 @@
+"""Checkpoints through megatron-core's dist_checkpointing: policy, optimizer, momentum model,
+LR schedule, RNG and the trainer's own state (step, data position), in one directory per step.
+
+The policy and the momentum model are saved as sharded tensors keyed like the model, so a
+checkpoint loads at another TP/PP/DP layout; the optimizer's state is sharded per parameter
+for the same reason. A checkpoint directory is written under a temporary name and renamed when
+complete, so a run killed mid-save never leaves a directory that looks finished, and `latest`
+only ever names a complete one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+from typing import Any, Dict, Optional
+
+import torch
+import torch.distributed as dist
+
+from megatron_mgrpo.megatron_compat import apply_megatron_compat, unshare_adam_steps
+
+_LATEST = "latest"
+# Optimizer state in the canonical per-parameter layout, so it loads at another TP/PP/DP.
+_OPTIM_META = {"distrib_optim_sharding_type": "fully_reshardable"}
+
+
+def step_dir(run_dir: str, step: int) -> str:
+    return os.path.join(run_dir, "checkpoints", f"step_{step:07d}")
+
+
+def latest_step(run_dir: str) -> Optional[int]:
+    """The newest complete checkpoint's step, or None."""
+    path = os.path.join(run_dir, "checkpoints", _LATEST)
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        step = int(f.read().strip())
+    return step if os.path.isdir(step_dir(run_dir, step)) else None
+
+
+def _momentum_sharded(model_sd: Dict[str, Any], params, momentum) -> Dict[str, Any]:
+    """The momentum model as sharded tensors: the model's own sharding, EMA data in place."""
+    by_ptr = {p.data_ptr(): p for p in params}
+    out = {}
+    for key, sh in model_sd.items():
+        data = getattr(sh, "data", None)
+        if data is None or not isinstance(data, torch.Tensor) or data.data_ptr() not in by_ptr:
+            continue
+        ema = momentum.tensor_of(by_ptr[data.data_ptr()])
+        out[key] = dataclasses.replace(sh, key=f"momentum.{sh.key}", data=ema)
+    return out
+
+
+def _init_optimizer_state(optimizer) -> None:
+    """A fresh distributed optimizer has no Adam state to load into; megatron fills it with
+    placeholders (one zero-grad step) before a load, and so do we."""
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        if isinstance(opt, DistributedOptimizer) and not opt.optimizer.state:
+            opt._init_optimizer_states_with_dummy_values()
+
+
+def _sharded_state(policy, momentum, is_loading: bool, trainer_state: Dict[str, Any],
+                   with_rng: bool = True):
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+    model = policy.unwrapped
+    model_sd = model.sharded_state_dict()
+    state = {
+        "model": model_sd,
+        "optimizer": policy.optimizer.sharded_state_dict(
+            model.sharded_state_dict(), is_loading=is_loading, metadata=_OPTIM_META),
+        "scheduler": policy.scheduler.state_dict(),
+        "trainer": trainer_state,
+    }
+    if with_rng:
+        # Each rank's RNG state, keyed by global rank: restored only at the same world size
+        # (sampling seeds derive from the step, so a resharded resume stays deterministic).
+        state["rng"] = ShardedObject("rng_state", {"torch": torch.get_rng_state()},
+                                     (dist.get_world_size(),), (dist.get_rank(),), replica_id=0)
+    if momentum is not None:
+        state["momentum"] = _momentum_sharded(model.sharded_state_dict(),
+                                              list(model.parameters()), momentum)
+    return state
+
+
+def save_checkpoint(run_dir: str, step: int, policy, momentum=None,
+                    trainer_state: Optional[Dict[str, Any]] = None) -> str:
+    """Save everything needed to resume after `step`; returns the directory. Collective."""
+    from megatron.core import dist_checkpointing
+
+    final = step_dir(run_dir, step)
+    tmp = final + ".tmp"
+    if dist.get_rank() == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+    dist.barrier()
+    state = _sharded_state(policy, momentum, is_loading=False,
+                           trainer_state=dict(trainer_state or {}, step=step,
+                                              world_size=dist.get_world_size()))
+    dist_checkpointing.save(state, tmp)
+    dist.barrier()
+    if dist.get_rank() == 0:
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        with open(os.path.join(run_dir, "checkpoints", _LATEST + ".tmp"), "w") as f:
+            f.write(str(step))
+        os.replace(os.path.join(run_dir, "checkpoints", _LATEST + ".tmp"),
+                   os.path.join(run_dir, "checkpoints", _LATEST))
+    dist.barrier()
+    return final
+
+
+def load_checkpoint(path: str, policy, momentum=None, load_optimizer: bool = True
+                    ) -> Dict[str, Any]:
+    """Load a checkpoint directory into the policy (and optimizer, momentum model, schedule,
+    RNG); returns the trainer state saved with it. Collective."""
+    from megatron.core import dist_checkpointing
+
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"no checkpoint at {path!r}")
+    if load_optimizer:
+        apply_megatron_compat()
+        _init_optimizer_state(policy.optimizer)
+    saved = read_trainer_state(path)
+    template = _sharded_state(policy, momentum, is_loading=True, trainer_state={},
+                              with_rng=saved.get("world_size") == dist.get_world_size())
+    if not load_optimizer:
+        template.pop("optimizer")
+        template.pop("scheduler")
+    if momentum is None:
+        template.pop("momentum", None)
+    loaded = dist_checkpointing.load(template, path)
+    policy.unwrapped.load_state_dict(loaded["model"])
+    if load_optimizer:
+        policy.optimizer.load_state_dict(loaded["optimizer"])
+        unshare_adam_steps(policy.optimizer)
+        policy.scheduler.load_state_dict(loaded["scheduler"])
+    else:
+        policy.optimizer.reload_model_params()
+    if momentum is not None:
+        by_key = {k: v for k, v in loaded["momentum"].items()}
+        model_sd = policy.unwrapped.sharded_state_dict()
+        by_ptr = {p.data_ptr(): p for p in policy.unwrapped.parameters()}
+        for key, sh in model_sd.items():
+            data = getattr(sh, "data", None)
+            if isinstance(data, torch.Tensor) and data.data_ptr() in by_ptr and key in by_key:
+                momentum.tensor_of(by_ptr[data.data_ptr()]).copy_(by_key[key])
+    rng = loaded.get("rng")
+    if isinstance(rng, dict) and "torch" in rng:
+        torch.set_rng_state(rng["torch"])
+    return loaded["trainer"]
+
+
+def read_trainer_state(path: str) -> Dict[str, Any]:
+    """The trainer state of a checkpoint without loading tensors (for tools and logs)."""
+    from megatron.core.dist_checkpointing import load_common_state_dict
+
+    return load_common_state_dict(path)["trainer"]
+
+
+def write_json(path: str, obj: Any) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=True)
+    os.replace(tmp, path)
