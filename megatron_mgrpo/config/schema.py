@@ -80,6 +80,11 @@ class ModelConfig:
     qk_norm: Optional[bool] = None
     """RMSNorm on queries and keys per head; None means the family's default (True for qwen3)."""
 
+    load: Optional[str] = None
+    """HF model directory (safetensors) to initialise the policy and the momentum model from.
+    Its config.json is used for the architecture when `hf_config` is not set. None: random
+    init (tests, smoke runs)."""
+
     params_dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
     """Precision of the model weights and compute. The optimizer keeps fp32 main params."""
 
@@ -134,6 +139,9 @@ class RolloutConfig:
 
     max_new_tokens: int = 64
     """Longest completion, in tokens."""
+
+    weight_bucket_mb: int = 512
+    """Size bound of one weight-push bucket, in MiB (the push streams bucket by bucket)."""
 
     momentum_push_interval: int = 1
     """Push momentum weights to the engine every this many steps (it moves slowly)."""
@@ -280,6 +288,13 @@ class TrainingConfig:
 
     eval_interval: int = 0
     """Validation every this many steps (0: never)."""
+
+    eval_samples: int = 4
+    """Completions per validation prompt: val_accuracy is their mean (pass@1), val_maj their
+    majority vote's accuracy (maj@k)."""
+
+    max_eval_prompts: int = 0
+    """Evaluate on at most this many validation prompts (0: all)."""
 
     resume: bool = False
     """Continue from the newest checkpoint in run_dir."""
@@ -483,6 +498,8 @@ def _validate(cfg: Config, world_size: Optional[int]) -> None:
         _fail("data.answer_key", d.answer_key, "a column name (mode rlvr needs true answers)")
 
     _positive("training.steps", t.steps)
+    _positive("training.eval_samples", t.eval_samples)
+    _positive("rollout.weight_bucket_mb", r.weight_bucket_mb)
     for name in ("save_interval", "eval_interval"):
         if getattr(t, name) < 0:
             _fail(f"training.{name}", getattr(t, name), "an integer >= 0")

@@ -73,9 +73,11 @@ def model_config_from_hf(hf: Dict[str, Any], base: ModelConfig | None = None) ->
 
 
 def complete(m: ModelConfig) -> ModelConfig:
-    """Fill the family defaults (kv heads, head_dim, QKV bias, QK-norm); load hf_config if set."""
-    if m.hf_config:
-        hf = read_hf_config(m.hf_config)
+    """Fill the family defaults (kv heads, head_dim, QKV bias, QK-norm). The architecture comes
+    from `hf_config`, else from the config.json of `load`, else from the fields themselves."""
+    source = m.hf_config or m.load
+    if source:
+        hf = read_hf_config(source)
         m = model_config_from_hf(hf, dataclasses.replace(m, hf_config=None))
         return dataclasses.replace(m, hf_config=None)
     kv = m.num_key_value_heads or m.num_attention_heads
