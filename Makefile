@@ -1,15 +1,16 @@
 # Two commands do all the set-up on a fresh machine:
-#   make train   - creates .venv, installs, runs the tiny CPU job (examples/tiny/config.yaml)
+#   make train   - creates .venv, installs, builds the warm-up base, runs the tiny CPU M-GRPO job
 #   make test    - creates .venv, installs, runs the test suite
 PYTHON ?= python3
 VENV ?= .venv
 # The CPU wheel on machines without a GPU; on a cluster set TORCH_SPEC to your CUDA build.
 TORCH_SPEC ?= torch==2.13.0
 CONFIG ?= examples/tiny/config.yaml
+BASE ?= runs/tiny_base
 ARGS ?=
 PY := $(VENV)/bin/python
 
-.PHONY: install train test clean
+.PHONY: install train test smoke clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,8 +21,15 @@ $(VENV)/.installed: pyproject.toml
 
 install: $(VENV)/.installed
 
-train: install
-	$(VENV)/bin/mgrpo smoke $(CONFIG) $(ARGS)
+# The warm-up base (synthetic task, tokenizer, supervised warm-up) is built once.
+$(BASE)/model.safetensors: | install
+	$(PY) tools/prepare_tiny.py --out $(BASE)
+
+train: install $(BASE)/model.safetensors
+	$(VENV)/bin/mgrpo train $(CONFIG) $(ARGS)
+
+smoke: install
+	$(VENV)/bin/mgrpo smoke examples/tiny/smoke.yaml $(ARGS)
 
 test: install
 	$(PY) -m pytest -q $(ARGS)

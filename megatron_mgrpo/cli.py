@@ -1,5 +1,7 @@
 """The `mgrpo` command.
 
+    mgrpo train CONFIG [--resume] [--section.key value ...]   the M-GRPO loop
+    mgrpo eval CONFIG [--checkpoint DIR] [--section.key value ...]  validation accuracy
     mgrpo smoke CONFIG [--section.key value ...]   update steps on a fixed synthetic batch
     mgrpo config CONFIG [--section.key value ...]  print the resolved config (YAML)
     mgrpo config --help-fields                     every config field with its docstring
@@ -44,6 +46,15 @@ def main(argv: Optional[List[str]] = None) -> int:
         epilog="Any config field can be overridden as --section.key value "
                "(see `mgrpo config --help-fields`).")
     sub = parser.add_subparsers(dest="command", required=True)
+    train = sub.add_parser("train", help="train with M-GRPO (or srt / ttrl / rlvr)")
+    train.add_argument("config", help="YAML config file")
+    train.add_argument("--resume", action="store_true",
+                       help="continue from the newest checkpoint in training.run_dir")
+    ev = sub.add_parser("eval", help="validation pass@1 and maj@k of a checkpoint")
+    ev.add_argument("config", help="YAML config file")
+    ev.add_argument("--checkpoint", default=None,
+                    help="checkpoint directory (default: the newest in training.run_dir; "
+                         "none there: the model.load weights)")
     smoke = sub.add_parser("smoke", help="M-GRPO update steps on a fixed synthetic batch")
     smoke.add_argument("config", help="YAML config file")
     show = sub.add_parser("config", help="print the resolved config")
@@ -60,7 +71,19 @@ def main(argv: Optional[List[str]] = None) -> int:
             print(dump_config(load_config(args.config, overrides, world_size=_world_size())),
                   end="")
             return 0
+        if getattr(args, "resume", False):
+            overrides = [*overrides, "--training.resume", "true"]
         cfg = load_config(args.config, overrides, world_size=_world_size())
+        if args.command == "train":
+            from megatron_mgrpo.trainer import train
+
+            train(cfg)
+            return 0
+        if args.command == "eval":
+            from megatron_mgrpo.trainer import evaluate_checkpoint
+
+            evaluate_checkpoint(cfg, args.checkpoint)
+            return 0
         if args.command == "smoke":
             from megatron_mgrpo.smoke import run_smoke
 
@@ -70,7 +93,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"mgrpo: config error: {e}", file=sys.stderr)
         return 2
     finally:
-        if args.command == "smoke":
+        if args.command in ("train", "eval", "smoke"):
             from megatron_mgrpo.parallel import destroy_parallel
 
             destroy_parallel()

@@ -18,7 +18,7 @@ def ckpt_worker(run_dir, mode, tp, pp):
     from megatron_mgrpo.parallel import init_parallel
     from megatron_mgrpo.weights.megatron_layout import gather_full_state_dict
 
-    cfg = load_config("examples/tiny/config.yaml",
+    cfg = load_config("examples/tiny/smoke.yaml",
                       ["--parallel.tensor_parallel", str(tp), "--parallel.pipeline_parallel",
                        str(pp), "--parallel.micro_batch_size", "2"])
     ctx = init_parallel(cfg.parallel, seed=3)

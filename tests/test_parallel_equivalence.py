@@ -74,6 +74,8 @@ def policy_worker(model_kw, tp, pp, dist_opt, full_sd, batch, steps):
     out = {"init": policy.full_state_dict(), "dp_rank": ctx.dp_rank}
     local = {k: v.chunk(ctx.dp_size)[ctx.dp_rank] for k, v in batch.items()}
     out["logprobs"], out["entropy"] = policy.logprobs(local)
+    lp_only, no_entropy = policy.logprobs(local, with_entropy=False)
+    assert no_entropy is None and torch.equal(lp_only, out["logprobs"])
     out["loss"], out["num_tokens"], out["metrics"] = policy.compute_grads(
         local, pg_loss, with_entropy=True)
     if ctx.dp_size == 1:  # with DP > 1 the distributed optimizer holds reduce-scattered shards

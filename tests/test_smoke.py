@@ -14,7 +14,7 @@ def smoke_worker(overrides):
     from megatron_mgrpo.config import load_config
     from megatron_mgrpo.smoke import run_smoke
 
-    cfg = load_config("examples/tiny/config.yaml",
+    cfg = load_config("examples/tiny/smoke.yaml",
                       ["--training.steps", "6", "--training.run_dir", "/tmp/mgrpo-smoke-test",
                        "--parallel.micro_batch_size", "8", *overrides])
     return run_smoke(cfg, log=lambda *_: None)
@@ -25,7 +25,7 @@ def bf16_worker():
     from megatron_mgrpo.models.policy import MegatronPolicy
     from megatron_mgrpo.parallel import init_parallel
 
-    cfg = load_config("examples/tiny/config.yaml", ["--model.params_dtype", "bf16"])
+    cfg = load_config("examples/tiny/smoke.yaml", ["--model.params_dtype", "bf16"])
     policy = MegatronPolicy(cfg, init_parallel(cfg.parallel, seed=cfg.training.seed))
     dtypes = {str(p.dtype) for p in policy.unwrapped.parameters()}
     return dtypes, smoke_worker(["--model.params_dtype", "bf16"])

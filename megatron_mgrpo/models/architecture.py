@@ -69,17 +69,19 @@ def model_config_from_hf(hf: Dict[str, Any], base: ModelConfig | None = None) ->
             values["rope_scaling"] = dict(rope_params)
     if family == "qwen3":
         values["qk_norm"] = True
-    return complete(ModelConfig(**values))
+    return _fill_defaults(ModelConfig(**values))
 
 
 def complete(m: ModelConfig) -> ModelConfig:
-    """Fill the family defaults (kv heads, head_dim, QKV bias, QK-norm). The architecture comes
-    from `hf_config`, else from the config.json of `load`, else from the fields themselves."""
+    """The full architecture: from `hf_config`, else from the config.json of `load`, else from
+    the fields themselves; then the family defaults (kv heads, head_dim, QKV bias, QK-norm)."""
     source = m.hf_config or m.load
     if source:
-        hf = read_hf_config(source)
-        m = model_config_from_hf(hf, dataclasses.replace(m, hf_config=None))
-        return dataclasses.replace(m, hf_config=None)
+        m = model_config_from_hf(read_hf_config(source), dataclasses.replace(m, hf_config=None))
+    return _fill_defaults(m)
+
+
+def _fill_defaults(m: ModelConfig) -> ModelConfig:
     kv = m.num_key_value_heads or m.num_attention_heads
     head_dim = m.head_dim or m.hidden_size // m.num_attention_heads
     attention_bias = m.attention_bias if m.attention_bias is not None else (

@@ -144,8 +144,10 @@ class MegatronPolicy:
             with_entropy=with_entropy)
         if loss_fn is None:  # forward only: hand the values back through the data store
             zero = lp.sum() * 0.0
-            return zero, torch.tensor(0, dtype=torch.int), {"logprobs": lp.detach(),
-                                                            "entropy": ent.detach()}
+            values = {"logprobs": lp.detach()}
+            if ent is not None:
+                values["entropy"] = ent.detach()
+            return zero, torch.tensor(0, dtype=torch.int), values
         loss_sum, num_tokens, metrics = loss_fn(lp, ent, micro)
         metrics = {k: v.detach().float() for k, v in metrics.items()}
         metrics["loss_sum"] = loss_sum.detach().float()

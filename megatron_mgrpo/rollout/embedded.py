@@ -1,0 +1,339 @@
+"""The embedded rollout engine: transformers' own models, in this process (CPU runs and tests).
+
+One `AutoModelForCausalLM` per weight set ("policy", "momentum"), built from an HF config dict
+(random init, the same for both sets) or loaded offline from an HF directory.
+
+Sampling is our own loop over `model(input_ids, attention_mask, position_ids, cache)` rather
+than `model.generate`, for two things `generate` does not give:
+- exact log-probs: each token's log p under softmax(logits / T) over the full vocabulary, before
+  top-p truncation (what megatron's `completion_logprobs(..., temperature=T)` recomputes);
+  `generate`'s scores are post-processing (top-p rows are -inf);
+- per-request seeds: `generate` draws from the global RNG, so one request's tokens depend on
+  the rest of the batch.
+Prompts are left-padded, position ids count real tokens only, the KV cache is transformers'
+`DynamicCache`, logits are computed for the last position only, and finished rows are dropped
+from the cache so that the batch shrinks as completions stop.
+
+Seeding: every completion has its own random stream, seeded from (call seed, prompt tokens,
+occurrence of that prompt in the call, sample index j). Each step draws one uniform u per row
+from its stream and picks the token by inverse CDF over the top-p-truncated distribution. So a
+completion depends on its seed, prompt and j only: the same prompt gives the same completions
+alone or in any batch (up to float differences in the logits of padded vs unpadded forwards,
+which move a token only when u falls within ~1e-7 of a CDF boundary). A prompt repeated within
+one call gets fresh streams for each repeat.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import inspect
+import random
+from dataclasses import dataclass
+from typing import Dict, Iterable, List, Optional, Sequence
+
+import torch
+
+from megatron_mgrpo.rollout.base import (WEIGHT_SETS, Bucket, Completion, RolloutEngine,
+                                         SamplingParams, WeightsNotReadyError, WeightUpdateError,
+                                         check_weight_set)
+
+
+@dataclass
+class _WeightSet:
+    model: torch.nn.Module
+    params: Dict[str, torch.nn.Parameter]
+    """Parameters by HF name (each once: a tied lm_head is not listed)."""
+    aliases: frozenset
+    """Names accepted and ignored (the tied lm_head.weight)."""
+    version: Optional[int] = None
+    broken: Optional[str] = None
+    """Why the set cannot generate (an update that did not complete), else None."""
+
+
+class EmbeddedEngine(RolloutEngine):
+    """Both weight sets as transformers models on `device`; see the module docstring.
+
+    A new engine's sets hold the config's random init (or `from_pretrained`'s weights) with
+    version None and can generate; only a failed update makes a set refuse to."""
+
+    def __init__(self, hf_config: dict, dtype: torch.dtype = torch.float32,
+                 max_batch_size: int = 256, device: str | torch.device = "cpu",
+                 init_seed: int = 0, seed: Optional[int] = None,
+                 num_threads: Optional[int] = None):
+        """hf_config: an HF config.json as a dict (`models.architecture.hf_config_dict`).
+        dtype: the models' parameter dtype (sampling math is fp32 whatever it is).
+        max_batch_size: most sequences in one forward; bigger requests run in chunks.
+        init_seed: seed of the random init both sets start from (the global RNG is untouched).
+        seed: seed of the engine's generator, which seeds calls with `SamplingParams.seed=None`.
+        num_threads: torch CPU threads while generating (None: leave torch's setting). On a
+            small machine shared with busy processes, 1 avoids OpenMP threads waiting on each
+            other (measured: 50 ms with 1 thread vs seconds with 2 under load).
+        """
+        from transformers import AutoConfig
+
+        if max_batch_size < 1:
+            raise ValueError(f"max_batch_size: got {max_batch_size}; accepted: an integer >= 1")
+        self.config = AutoConfig.for_model(**hf_config)
+        self.dtype = dtype
+        self.device = torch.device(device)
+        self.max_batch_size = max_batch_size
+        self._rng = random.Random(seed)
+        self.num_threads = num_threads
+        self._sets: Dict[str, _WeightSet] = {}
+        for name in WEIGHT_SETS:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(init_seed)
+                self._install(name, self._from_config())
+
+    @classmethod
+    def from_pretrained(cls, path: str, dtype: torch.dtype = torch.float32, **kwargs
+                        ) -> "EmbeddedEngine":
+        """Both weight sets loaded (offline) from an HF model directory; versions stay None."""
+        from megatron_mgrpo.models.architecture import read_hf_config
+
+        engine = cls(read_hf_config(path), dtype=dtype, **kwargs)
+        for name in WEIGHT_SETS:
+            engine.load_pretrained(name, path)
+        return engine
+
+    # ---- weights ----------------------------------------------------------------------------
+
+    def _from_config(self) -> torch.nn.Module:
+        from transformers import AutoModelForCausalLM
+
+        return AutoModelForCausalLM.from_config(self.config)
+
+    def _install(self, name: str, model: torch.nn.Module) -> None:
+        model = model.to(device=self.device, dtype=self.dtype).eval()
+        model.requires_grad_(False)
+        params = dict(model.named_parameters())
+        tied = "lm_head.weight" not in params and "lm_head.weight" in model.state_dict()
+        self._sets[name] = _WeightSet(model, params,
+                                      frozenset({"lm_head.weight"} if tied else ()))
+        if not hasattr(self, "_cache_kw"):
+            fwd = inspect.signature(model.forward).parameters
+            self._cache_kw = "cache" if "cache" in fwd else "past_key_values"
+
+    def load_pretrained(self, model: str, path: str, version: Optional[int] = None) -> None:
+        """Replace weight set `model` with the HF checkpoint at `path` (local files only)."""
+        from transformers import AutoModelForCausalLM
+
+        check_weight_set(model)
+        loaded = AutoModelForCausalLM.from_pretrained(path, local_files_only=True)
+        self._install(model, loaded)
+        self._sets[model].version = version
+
+    def update_weights(self, model: str, buckets: Iterable[Bucket], version: int) -> None:
+        """Copy HF-named tensors into weight set `model` (cast to the engine's dtype/device).
+
+        Each bucket is checked whole (known name, matching shape, not sent before) before any
+        of it is copied; at the end every parameter must have been covered. A tied model's
+        lm_head.weight is the embedding: it may be absent, and is ignored if sent."""
+        check_weight_set(model)
+        ws = self._sets[model]
+        ws.version = None
+        ws.broken = f"the update to version {version} did not complete"
+        seen = set()
+        for bucket in buckets:
+            staged = []
+            for name, tensor in bucket:  # check the whole bucket before copying any of it
+                if name in ws.aliases:
+                    continue
+                param = ws.params.get(name)
+                if param is None:
+                    close = difflib.get_close_matches(name, list(ws.params), n=1)
+                    hint = f"; did you mean {close[0]!r}?" if close else ""
+                    raise WeightUpdateError(
+                        f"update_weights({model!r}): the model has no parameter {name!r}{hint}")
+                if name in seen:
+                    raise WeightUpdateError(
+                        f"update_weights({model!r}): {name!r} sent twice in one update")
+                if tuple(tensor.shape) != tuple(param.shape):
+                    raise WeightUpdateError(
+                        f"update_weights({model!r}): {name!r} has shape {tuple(tensor.shape)}, "
+                        f"the model's parameter {tuple(param.shape)}")
+                seen.add(name)
+                staged.append((param, tensor))
+            with torch.no_grad():
+                for param, tensor in staged:
+                    param.copy_(tensor)
+        missing = [n for n in ws.params if n not in seen]
+        if missing:
+            more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+            raise WeightUpdateError(
+                f"update_weights({model!r}): the update ended without {len(missing)} of "
+                f"{len(ws.params)} parameters ({', '.join(missing[:3])}{more}); the weight set "
+                "is unusable until a complete update")
+        ws.broken = None
+        ws.version = version
+
+    def weight_version(self, model: str = "policy") -> Optional[int]:
+        check_weight_set(model)
+        return self._sets[model].version
+
+    def hf_model(self, model: str = "policy") -> torch.nn.Module:
+        """The transformers module behind weight set `model` (for tests and inspection)."""
+        check_weight_set(model)
+        return self._sets[model].model
+
+    # ---- sampling ---------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def generate(self, prompts: List[List[int]], n: int, params: SamplingParams,
+                 model: str = "policy") -> List[List[Completion]]:
+        check_weight_set(model)
+        ws = self._sets[model]
+        if ws.broken:
+            raise WeightsNotReadyError(
+                f"weight set {model!r} cannot generate: {ws.broken}; push a complete update "
+                "first")
+        if n < 1:
+            raise ValueError(f"generate: n must be >= 1, got {n}")
+        vocab = self.config.vocab_size
+        prompts = [list(map(int, p)) for p in prompts]
+        for i, p in enumerate(prompts):
+            if not p:
+                raise ValueError(f"generate: prompt {i} is empty")
+            if min(p) < 0 or max(p) >= vocab:
+                raise ValueError(f"generate: prompt {i} has a token id outside [0, {vocab})")
+        seed = params.seed if params.seed is not None else self._rng.getrandbits(63)
+
+        rows = []  # (prompt index, sample index, stream seed)
+        occurrences: Dict[tuple, int] = {}
+        for i, p in enumerate(prompts):
+            key = tuple(p)
+            k = occurrences.get(key, 0)
+            occurrences[key] = k + 1
+            rows.extend((i, j, _stream_seed(seed, key, k, j)) for j in range(n))
+        # Similar lengths together: less padding; the result does not depend on the grouping.
+        rows.sort(key=lambda r: -len(prompts[r[0]]))
+        out: List[List[Optional[Completion]]] = [[None] * n for _ in prompts]
+        threads = torch.get_num_threads()
+        if self.num_threads and self.num_threads != threads:
+            torch.set_num_threads(self.num_threads)
+        try:
+            for start in range(0, len(rows), self.max_batch_size):
+                chunk = rows[start:start + self.max_batch_size]
+                done = self._sample(ws.model, [prompts[i] for i, _, _ in chunk],
+                                    [s for _, _, s in chunk], params)
+                for (i, j, _), c in zip(chunk, done):
+                    out[i][j] = c
+        finally:
+            if torch.get_num_threads() != threads:
+                torch.set_num_threads(threads)
+        return out
+
+    def _sample(self, model, prompts: Sequence[List[int]], seeds: Sequence[int],
+                params: SamplingParams) -> List[Completion]:
+        """One batch: left-padded prefill, then one token per step for the unfinished rows."""
+        from transformers import DynamicCache
+
+        dev, b, steps = self.device, len(prompts), params.max_new_tokens
+        width = max(len(p) for p in prompts)
+        ids = torch.zeros(b, width, dtype=torch.long)
+        mask = torch.zeros(b, width, dtype=torch.long)
+        for r, p in enumerate(prompts):
+            ids[r, width - len(p):] = torch.tensor(p)
+            mask[r, width - len(p):] = 1
+        ids, mask = ids.to(dev), mask.to(dev)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        next_pos = mask.sum(-1)
+        uniforms = torch.stack([torch.rand(steps, dtype=torch.float64,
+                                           generator=torch.Generator().manual_seed(s))
+                                for s in seeds]).to(dev)
+        stop_ids = torch.tensor(sorted(set(params.stop_token_ids)), dtype=torch.long,
+                                device=dev)
+
+        try:
+            cache = DynamicCache(config=model.config)
+        except TypeError:  # transformers < 4.56
+            cache = DynamicCache()
+        kw = {self._cache_kw: cache, "use_cache": True, "logits_to_keep": 1}
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=positions,
+                       **kw).logits[:, -1]
+
+        tokens = torch.zeros(b, steps, dtype=torch.long, device=dev)
+        logprobs = torch.zeros(b, steps, dtype=torch.float32, device=dev)
+        lengths = torch.full((b,), steps, dtype=torch.long)
+        stopped = torch.zeros(b, dtype=torch.bool)
+        active = torch.arange(b, device=dev)  # original rows still in the cache
+        for t in range(steps):
+            tok, lp = _pick(logits.float(), uniforms[active, t], params)
+            tokens[active, t] = tok
+            logprobs[active, t] = lp
+            hit = torch.isin(tok, stop_ids)
+            if hit.any():
+                rows_hit = active[hit].cpu()
+                lengths[rows_hit] = t + 1
+                stopped[rows_hit] = True
+                keep = (~hit).nonzero().squeeze(1)
+                if keep.numel() == 0:
+                    break
+                cache.batch_select_indices(keep)
+                active, mask, next_pos, tok = active[keep], mask[keep], next_pos[keep], tok[keep]
+            if t == steps - 1:
+                break
+            mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
+            logits = model(input_ids=tok[:, None], attention_mask=mask,
+                           position_ids=next_pos[:, None], **kw).logits[:, -1]
+            next_pos = next_pos + 1
+
+        tokens, logprobs = tokens.cpu().tolist(), logprobs.cpu().tolist()
+        return [Completion(token_ids=tokens[r][:int(lengths[r])],
+                           logprobs=logprobs[r][:int(lengths[r])],
+                           finish_reason="stop" if stopped[r] else "length")
+                for r in range(b)]
+
+
+def _stream_seed(seed: int, prompt: tuple, occurrence: int, sample: int) -> int:
+    """A 63-bit seed for one completion's random stream (stable across runs and versions)."""
+    h = hashlib.blake2b(digest_size=8)
+    h.update(repr((int(seed), occurrence, sample)).encode())
+    h.update(",".join(map(str, prompt)).encode())
+    return int.from_bytes(h.digest(), "little") >> 1
+
+
+def _pick(logits: torch.Tensor, u: torch.Tensor, params: SamplingParams):
+    """Next token per row and its log-prob under softmax(logits / T) (full vocabulary).
+
+    Inverse-CDF sampling with one uniform u per row: the first token, in vocabulary order,
+    whose cumulative probability exceeds u times the total, over the top-p nucleus (the other
+    tokens zeroed). No full sort: the nucleus is found with `topk`.
+    """
+    if params.temperature == 0:
+        logp = torch.log_softmax(logits, dim=-1)
+        tok = logp.argmax(dim=-1)
+        return tok, logp.gather(-1, tok[:, None]).squeeze(1)
+    logp = torch.log_softmax(logits / params.temperature, dim=-1)
+    probs = logp.exp()
+    if params.top_p < 1.0:
+        probs = probs * _nucleus(probs, params.top_p)
+    cdf = probs.cumsum(-1)
+    target = u.to(cdf.dtype) * cdf[:, -1]
+    tok = torch.searchsorted(cdf, target[:, None], right=True).squeeze(1)
+    over = tok >= probs.shape[-1]  # u * total rounded up to the total: the last kept token
+    if over.any():
+        rows = probs[over]
+        tok[over] = rows.shape[-1] - 1 - (rows.flip(-1) > 0).to(torch.int8).argmax(-1)
+    return tok, logp.gather(-1, tok[:, None]).squeeze(1)
+
+
+def _nucleus(probs: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Mask of the top-p nucleus per row: the most likely tokens, in order, while the mass of
+    those before them is <= top_p (SGLang's rule; ties with the last one kept are kept too).
+    Looks at the top k tokens, k growing from 64 by what is still missing, instead of sorting
+    the whole vocabulary (a trained model's nucleus is small)."""
+    vocab = probs.shape[-1]
+    k = min(vocab, 64)
+    while True:
+        top = probs.topk(k, dim=-1).values  # descending
+        kept = ((top.cumsum(-1) - top) <= top_p).sum(-1)  # >= 1: the first has 0 before it
+        open_rows = kept >= k
+        if k == vocab or not bool(open_rows.any()):
+            break
+        covered = float(top[open_rows].sum(-1).min())
+        k = max(8 * k, int(2 * k * top_p / max(covered, 1e-12)))
+        k = vocab if k > vocab // 4 else k  # a big share of the vocabulary: just sort it all
+    threshold = top.gather(-1, (kept - 1)[:, None])
+    return probs >= threshold

@@ -1,0 +1,131 @@
+"""The M-GRPO loop end to end on a quickly warmed-up tiny base: metrics, plots, checkpoints, a
+resumed run equal to an uninterrupted one, TP=2 / PP=2 runs of the same loop, and all modes."""
+
+import importlib.util
+import json
+import os
+
+import pytest
+
+from tests.distributed import run_workers
+
+REQUIRED = ("step", "reward_mean", "entropy_mean", "entropy_q1", "entropy_q3",
+            "iqr_dropped_frac", "vote_agreement", "pseudo_label_acc", "loss", "grad_norm",
+            "step_time_s")
+TIMING = ("step_time_s", "push_time_s")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="session")
+def tiny_base(tmp_path_factory):
+    """A small, briefly warmed-up base (seconds, not the demo's minutes)."""
+    out = str(tmp_path_factory.mktemp("tiny_base"))
+    spec = importlib.util.spec_from_file_location("prepare_tiny",
+                                                  os.path.join(ROOT, "tools/prepare_tiny.py"))
+    prepare = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(prepare)
+    prepare.main(["--out", out, "--n-sft", "800", "--n-train", "64", "--n-val", "8",
+                  "--sft-steps", "60", "--k", "2", "--hidden-size", "64",
+                  "--intermediate-size", "128", "--threads", "1"])
+    return out
+
+
+def overrides(base, run_dir, steps, *extra):
+    return ["--model.load", base,
+            "--data.train_path", f"{base}/data/train.jsonl",
+            "--data.val_path", f"{base}/data/val.jsonl",
+            "--data.prompts_per_step", "4", "--parallel.micro_batch_size", "8",
+            "--rollout.max_new_tokens", "24",
+            "--training.run_dir", run_dir, "--training.steps", str(steps),
+            "--training.eval_interval", "2", "--training.eval_samples", "2",
+            "--training.save_interval", "2", *extra]
+
+
+def train_worker(args):
+    from megatron_mgrpo.config import load_config
+    from megatron_mgrpo.trainer import Trainer
+
+    cfg = load_config(os.path.join(ROOT, "examples/tiny/config.yaml"), args)
+    trainer = Trainer(cfg)
+    history = trainer.run()
+    versions = None
+    if trainer.engine is not None:
+        versions = (trainer.engine.weight_version("policy"),
+                    trainer.engine.weight_version("momentum"))
+    return history, versions
+
+
+def strip_timing(history):
+    return [{k: v for k, v in m.items() if k not in TIMING} for m in history]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tiny_base, tmp_path_factory):
+    run_dir = str(tmp_path_factory.mktemp("run_full"))
+    (result,) = run_workers(train_worker, 1, overrides(tiny_base, run_dir, 4))
+    return run_dir, result
+
+
+def test_run_writes_metrics_plots_and_checkpoints(uninterrupted):
+    run_dir, (history, versions) = uninterrupted
+    steps = [m for m in history if m["step"] > 0]
+    assert [m["step"] for m in steps] == [1, 2, 3, 4]
+    for m in steps:
+        missing = [k for k in REQUIRED if k not in m]
+        assert not missing, missing
+        assert 0.0 <= m["reward_mean"] <= 1.0 and 0.0 <= m["iqr_dropped_frac"] <= 1.0
+        assert m["entropy_q1"] <= m["entropy_q3"]
+    assert all("val_accuracy" in m for m in steps if m["step"] % 2 == 0)
+    assert history[0]["step"] == 0 and "val_accuracy" in history[0]  # the base, before RL
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        logged = [json.loads(line)["step"] for line in f]
+    assert logged == [0, 1, 2, 3, 4]
+    for png in ("reward.png", "entropy.png", "pseudo_label_acc.png", "val_accuracy.png"):
+        assert os.path.getsize(os.path.join(run_dir, png)) > 1000, png
+    assert os.listdir(os.path.join(run_dir, "tensorboard"))
+    assert sorted(os.listdir(os.path.join(run_dir, "checkpoints"))) == [
+        "latest", "step_0000002", "step_0000004"]
+    assert versions == (4, 4)  # the engine holds the last step's policy and momentum weights
+
+
+def test_resumed_run_equals_uninterrupted(tiny_base, uninterrupted, tmp_path):
+    _, (full, _) = uninterrupted
+    run_dir = str(tmp_path / "run")
+    run_workers(train_worker, 1, overrides(tiny_base, run_dir, 2))  # "killed" after step 2
+    (resumed, _), = run_workers(train_worker, 1,
+                                overrides(tiny_base, run_dir, 4, "--training.resume", "true"))
+    assert [m["step"] for m in resumed] == [3, 4]
+    assert strip_timing(resumed) == strip_timing(full[-2:])
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        assert [json.loads(line)["step"] for line in f] == [0, 1, 2, 3, 4]
+
+
+@pytest.mark.parametrize("layout", [["--parallel.tensor_parallel", "2"],
+                                    ["--parallel.pipeline_parallel", "2"]], ids=["tp2", "pp2"])
+def test_two_process_layouts_run_the_same_loop(tiny_base, uninterrupted, tmp_path, layout):
+    _, (full, _) = uninterrupted
+    results = run_workers(train_worker, 2, overrides(tiny_base, str(tmp_path), 2, *layout))
+    for history, _ in results:
+        first = history[1]
+        # Step 1 samples from the same base weights: identical rollouts, votes and rewards.
+        for k in ("reward_mean", "vote_agreement", "pseudo_label_acc", "iqr_dropped_frac"):
+            assert first[k] == full[1][k], k
+        assert first["loss"] == pytest.approx(full[1]["loss"], abs=1e-5)
+        assert first["entropy_mean"] == pytest.approx(full[1]["entropy_mean"], rel=1e-4)
+
+
+@pytest.mark.parametrize("mode", [
+    ["--algorithm.mode", "srt", "--rollout.num_momentum_rollouts", "0"],
+    ["--algorithm.mode", "ttrl", "--rollout.num_momentum_rollouts", "0",
+     "--algorithm.ttrl_num_train", "3"],
+    ["--algorithm.mode", "rlvr", "--rollout.num_momentum_rollouts", "0"],
+], ids=["srt", "ttrl", "rlvr"])
+def test_every_mode_runs_through_the_same_loop(tiny_base, tmp_path, mode):
+    (history, versions), = run_workers(
+        train_worker, 1, overrides(tiny_base, str(tmp_path), 1, "--training.eval_interval", "0",
+                                   *mode))
+    m = history[-1]
+    assert m["step"] == 1 and 0.0 <= m["reward_mean"] <= 1.0
+    assert versions[1] is None  # no momentum model outside mgrpo
+    if "ttrl" in mode:  # 3 of the M = 6 policy completions per prompt are trained on
+        assert m["trained_frac"] <= 0.5
