@@ -64,18 +64,16 @@ def _init_optimizer_state(optimizer) -> None:
 
 
 def _sharded_state(policy, momentum, is_loading: bool, trainer_state: Dict[str, Any],
-                   with_rng: bool = True):
+                   with_rng: bool = True, with_optimizer: bool = True):
     from megatron.core.dist_checkpointing.mapping import ShardedObject
 
     model = policy.unwrapped
     model_sd = model.sharded_state_dict()
-    state = {
-        "model": model_sd,
-        "optimizer": policy.optimizer.sharded_state_dict(
-            model.sharded_state_dict(), is_loading=is_loading, metadata=_OPTIM_META),
-        "scheduler": policy.scheduler.state_dict(),
-        "trainer": trainer_state,
-    }
+    state = {"model": model_sd, "trainer": trainer_state}
+    if with_optimizer:
+        state["optimizer"] = policy.optimizer.sharded_state_dict(
+            model.sharded_state_dict(), is_loading=is_loading, metadata=_OPTIM_META)
+        state["scheduler"] = policy.scheduler.state_dict()
     if with_rng:
         # Each rank's RNG state, keyed by global rank: restored only at the same world size
         # (sampling seeds derive from the step, so a resharded resume stays deterministic).
@@ -127,10 +125,8 @@ def load_checkpoint(path: str, policy, momentum=None, load_optimizer: bool = Tru
         _init_optimizer_state(policy.optimizer)
     saved = read_trainer_state(path)
     template = _sharded_state(policy, momentum, is_loading=True, trainer_state={},
-                              with_rng=saved.get("world_size") == dist.get_world_size())
-    if not load_optimizer:
-        template.pop("optimizer")
-        template.pop("scheduler")
+                              with_rng=saved.get("world_size") == dist.get_world_size(),
+                              with_optimizer=load_optimizer)
     if momentum is None:
         template.pop("momentum", None)
     loaded = dist_checkpointing.load(template, path)

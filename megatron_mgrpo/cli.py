@@ -16,6 +16,8 @@ import sys
 from typing import List, Optional
 
 from megatron_mgrpo.config import Config, ConfigError, dump_config, field_docs, load_config
+from megatron_mgrpo.data.prompts import DataError
+from megatron_mgrpo.data.tokenizer import TokenizerError
 
 
 def _world_size() -> Optional[int]:
@@ -91,6 +93,9 @@ def main(argv: Optional[List[str]] = None) -> int:
             return 0
     except ConfigError as e:
         print(f"mgrpo: config error: {e}", file=sys.stderr)
+        return 2
+    except (DataError, TokenizerError) as e:
+        print(f"mgrpo: data error: {e}", file=sys.stderr)
         return 2
     finally:
         if args.command in ("train", "eval", "smoke"):

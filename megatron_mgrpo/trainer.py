@@ -217,15 +217,20 @@ class Trainer:
             groups = self.engine.generate([r.prompt_ids for r in rows], k,
                                           self._sampling(seed=12345), model="policy")
             eq = self.grader.equivalent
-            hits, maj = 0.0, 0.0
+            hits, maj, logp, n_tok = 0.0, 0.0, 0.0, 0
             for row, comps in zip(rows, groups):
+                for c in comps:
+                    logp += sum(c.logprobs)
+                    n_tok += len(c.logprobs)
                 answers = [self.grader.extract(self.tokenizer.decode(list(c.token_ids)))
                            for c in comps]
                 hits += sum(a is not None and eq(row.answer, a) for a in answers) / k
                 vote = majority_vote(answers, eq)
                 maj += float(vote.majority_answer is not None and eq(row.answer,
                                                                     vote.majority_answer))
-            result = {"val_accuracy": hits / len(rows), "val_maj": maj / len(rows)}
+            # The completions' mean token log-prob: a continuous fingerprint of the weights.
+            result = {"val_accuracy": hits / len(rows), "val_maj": maj / len(rows),
+                      "val_token_logprob": logp / max(n_tok, 1)}
         return _broadcast(result, self.ctx)
 
     def save(self) -> None:

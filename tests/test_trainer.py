@@ -129,3 +129,45 @@ def test_every_mode_runs_through_the_same_loop(tiny_base, tmp_path, mode):
     assert versions[1] is None  # no momentum model outside mgrpo
     if "ttrl" in mode:  # 3 of the M = 6 policy completions per prompt are trained on
         assert m["trained_frac"] <= 0.5
+
+
+def eval_worker(args):
+    from megatron_mgrpo.config import load_config
+    from megatron_mgrpo.trainer import evaluate_checkpoint
+
+    return evaluate_checkpoint(load_config(os.path.join(ROOT, "examples/tiny/config.yaml"), args))
+
+
+def test_eval_of_the_final_checkpoint_reproduces_the_runs_last_validation(tiny_base,
+                                                                          uninterrupted):
+    run_dir, (history, _) = uninterrupted
+    (result,) = run_workers(eval_worker, 1, overrides(tiny_base, run_dir, 4))
+    assert result["val_accuracy"] == history[-1]["val_accuracy"]
+    assert result["val_maj"] == history[-1]["val_maj"]
+    # Accuracy of the tiny test base can be 0 either way; the log-prob cannot hide a wrong load.
+    assert result["val_token_logprob"] == history[-1]["val_token_logprob"]
+    assert result["val_token_logprob"] != history[0]["val_token_logprob"]
+
+
+def test_bad_data_is_one_clear_line(tiny_base, tmp_path):
+    import subprocess
+    import sys
+
+    bad = tmp_path / "train.jsonl"
+    bad.write_text('{"prompt": "Q: 1+1? A:", "answer": "2"}\nnot json\n{"answer": "3"}\n')
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+
+    def run(train_path):
+        args = overrides(tiny_base, str(tmp_path / "run"), 1, "--data.train_path", str(train_path))
+        return subprocess.run([sys.executable, "-m", "megatron_mgrpo.cli", "train",
+                               os.path.join(ROOT, "examples/tiny/config.yaml"), *args],
+                              capture_output=True, text=True, cwd=ROOT, timeout=300)
+
+    done = run(empty)
+    assert done.returncode == 2
+    assert "empty.jsonl" in done.stderr and "Traceback" not in done.stderr
+    assert done.stderr.strip().startswith("mgrpo: data error:")
+    done = run(tmp_path / "missing.jsonl")
+    assert done.returncode == 2 and "missing.jsonl" in done.stderr
+    assert "Traceback" not in done.stderr

@@ -148,7 +148,8 @@ class SentencePieceTokenizer(Tokenizer):
         except Exception:  # an optional extra; the .model file is the source of truth
             return False
         probe = list(probe) or ["Q: Ann has 23 pens. She buys 15 more. How many pens now? A:",
-                                " 23+15=38, 38-7=31, \\boxed{31}", "héllo wörld ✓ 12 \\boxed{x}"]
+                                " 23+15=38, 38-7=31, \\boxed{31}",
+                                "héllo wörld ✓ 12 \\boxed{x}"]
         if any(hf.encode(t, add_special_tokens=False) != self.encode(t) for t in probe):
             return False
         hf.save_pretrained(directory)
