@@ -18,10 +18,11 @@ from typing import Dict, List
 
 import torch
 
-from megatron_mgrpo.algorithm import ema_update_, plan_for_mode
+from megatron_mgrpo.algorithm import plan_for_mode
 from megatron_mgrpo.algorithm.vote import exact_match
 from megatron_mgrpo.config.schema import Config
 from megatron_mgrpo.models.policy import MegatronPolicy
+from megatron_mgrpo.optim.momentum import MomentumModel
 from megatron_mgrpo.parallel import init_parallel
 from megatron_mgrpo.update import make_loss_fn, plan_update, score_groups, trained_columns
 
@@ -76,8 +77,8 @@ def run_smoke(cfg: Config, log=print) -> List[Dict[str, float]]:
     trained = trained_columns(plan, len(batch["answers"]),
                               torch.Generator().manual_seed(cfg.training.seed))
     loss_fn = make_loss_fn(a)
-    params = [p for p in policy.unwrapped.parameters()]
-    momentum_model = [p.detach().float().clone() for p in params]  # reference EMA (Eq. 1)
+    params = list(policy.unwrapped.parameters())
+    momentum = MomentumModel(params, a.momentum, a.momentum_update_interval)
     agree = (scored.rewards.reshape(-1) > 0)
 
     os.makedirs(cfg.training.run_dir, exist_ok=True)
@@ -94,8 +95,8 @@ def run_smoke(cfg: Config, log=print) -> List[Dict[str, float]]:
                        "advantages": update.advantages, "old_logprobs": old_logprobs}
         result = policy.train_step(policy.dp_shard(train_batch), loss_fn,
                                    with_entropy=a.entropy_coef > 0)
-        if plan.use_momentum_model and step % a.momentum_update_interval == 0:
-            ema_update_(momentum_model, [p.detach() for p in params], a.momentum)
+        if plan.use_momentum_model:
+            momentum.step(step)
         mask = batch["completion_mask"]
         traj_lp = (logprobs * mask).sum(-1) / mask.sum(-1).clamp_min(1)
         metrics = {
@@ -103,8 +104,8 @@ def run_smoke(cfg: Config, log=print) -> List[Dict[str, float]]:
             **update.metrics, **result.metrics,
             "logp_agree": float(traj_lp[agree].mean()) if agree.any() else 0.0,
             "logp_disagree": float(traj_lp[~agree].mean()) if (~agree).any() else 0.0,
-            "momentum_gap": max(float((e - p.detach().float()).abs().max())
-                                for e, p in zip(momentum_model, params)),
+            "momentum_gap": max(float((momentum.tensor_of(p) - p.detach().float()).abs().max())
+                                for p in params),
             "step_time_s": time.time() - t0,
         }
         history.append(metrics)
