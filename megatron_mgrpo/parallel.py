@@ -10,7 +10,6 @@ import datetime
 import os
 import socket
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 import torch.distributed as dist

@@ -17,7 +17,6 @@ rollouts, so every rank builds the same global batch and takes its data-parallel
 from __future__ import annotations
 
 import dataclasses
-import os
 import time
 from typing import Dict, List, Optional, Sequence
 
@@ -27,6 +26,7 @@ import torch.distributed as dist
 from megatron_mgrpo.algorithm import plan_for_mode
 from megatron_mgrpo.checkpoint import latest_step, load_checkpoint, save_checkpoint, step_dir
 from megatron_mgrpo.config.schema import Config
+from megatron_mgrpo.eval_metrics import sample_accuracy
 from megatron_mgrpo.models.architecture import complete, hf_config_dict
 from megatron_mgrpo.models.policy import MegatronPolicy
 from megatron_mgrpo.metrics import MetricsLogger, plot_metrics
@@ -204,8 +204,6 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self) -> Dict[str, float]:
         """pass@1 (mean over k samples) and maj@k of the policy on the validation prompts."""
-        from megatron_mgrpo.algorithm import majority_vote
-
         if self.val_set is None:
             return {}
         rows = [self.val_set[i] for i in range(len(self.val_set))]
@@ -213,24 +211,16 @@ class Trainer:
             rows = rows[:self.cfg.training.max_eval_prompts]
         result = None
         if self.is_main:
-            k = self.cfg.training.eval_samples
-            groups = self.engine.generate([r.prompt_ids for r in rows], k,
+            groups = self.engine.generate([r.prompt_ids for r in rows],
+                                          self.cfg.training.eval_samples,
                                           self._sampling(seed=12345), model="policy")
-            eq = self.grader.equivalent
-            hits, maj, logp, n_tok = 0.0, 0.0, 0.0, 0
-            for row, comps in zip(rows, groups):
-                for c in comps:
-                    logp += sum(c.logprobs)
-                    n_tok += len(c.logprobs)
-                answers = [self.grader.extract(self.tokenizer.decode(list(c.token_ids)))
-                           for c in comps]
-                hits += sum(a is not None and eq(row.answer, a) for a in answers) / k
-                vote = majority_vote(answers, eq)
-                maj += float(vote.majority_answer is not None and eq(row.answer,
-                                                                    vote.majority_answer))
+            answers = [[self.grader.extract(self.tokenizer.decode(list(c.token_ids)))
+                        for c in comps] for comps in groups]
+            acc = sample_accuracy(answers, [r.answer for r in rows], self.grader.equivalent)
+            logprobs = [lp for comps in groups for c in comps for lp in c.logprobs]
             # The completions' mean token log-prob: a continuous fingerprint of the weights.
-            result = {"val_accuracy": hits / len(rows), "val_maj": maj / len(rows),
-                      "val_token_logprob": logp / max(n_tok, 1)}
+            result = {"val_accuracy": acc["pass@1"], "val_maj": acc["maj@k"],
+                      "val_token_logprob": sum(logprobs) / max(len(logprobs), 1)}
         return _broadcast(result, self.ctx)
 
     def save(self) -> None:

@@ -255,7 +255,6 @@ def test_warmup_saves_a_loadable_hf_model(sp_tokenizer, task_rows, tmp_path):
         SFTConfig,
         build_model,
         evaluate,
-        sample_completions,
         sft_examples,
         train_sft,
     )
@@ -283,19 +282,6 @@ def test_warmup_saves_a_loadable_hf_model(sp_tokenizer, task_rows, tmp_path):
     x = torch.tensor([encode_prompt(tok, task_rows["val"][0]["prompt"])])
     torch.testing.assert_close(loaded(input_ids=x).logits, model(input_ids=x).logits)
 
-    prompts = [r["prompt"] for r in task_rows["val"][:3]]
-    # KV-cache greedy decoding equals decoding by full re-forwarding.
-    greedy = sample_completions(loaded, tok, prompts, greedy=True, max_new_tokens=6)
-    for prompt, (text,) in zip(prompts, greedy):
-        ids = encode_prompt(tok, prompt)
-        new = []
-        with torch.no_grad():
-            for _ in range(6):
-                nxt = int(loaded(input_ids=torch.tensor([ids + new])).logits[0, -1].argmax())
-                if nxt == tok.eos_id:
-                    break
-                new.append(nxt)
-        assert tok.decode(new) == text
     metrics = evaluate(loaded, tok, task_rows["val"][:3], k=2, max_new_tokens=6)
     for key in ("greedy", "pass@1", "maj@2", "parsed"):
         assert 0.0 <= metrics[key] <= 1.0

@@ -8,7 +8,7 @@ surfaces as a trace from deep inside megatron-core.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Literal, Optional
+from typing import Any, Dict, Literal, Optional
 
 
 class ConfigError(ValueError):

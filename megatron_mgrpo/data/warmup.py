@@ -27,7 +27,6 @@ prompts batched by token length so no padding is ever needed.
 
 from __future__ import annotations
 
-import inspect
 import math
 import random
 import time
@@ -36,12 +35,11 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from megatron_mgrpo.algorithm.vote import majority_vote
 from megatron_mgrpo.config.schema import ModelConfig
 from megatron_mgrpo.data.tokenizer import Tokenizer, encode_prompt
 from megatron_mgrpo.rewards import extract_boxed, math_equivalent
 
-__all__ = ["SFTConfig", "build_model", "sft_examples", "train_sft", "sample_completions",
+__all__ = ["SFTConfig", "build_model", "sft_examples", "train_sft",
            "evaluate"]
 
 
@@ -153,85 +151,32 @@ def train_sft(model, examples: Sequence[Tuple[List[int], int]], cfg: SFTConfig, 
     return losses
 
 
-def _cache_kwarg(model) -> str:
-    """The forward's KV-cache argument: `cache` (transformers >= 5.x) or `past_key_values`."""
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-
-
-def _cache_of(output):
-    cache = getattr(output, "cache", None)
-    return cache if cache is not None else output.past_key_values
-
-
 @torch.no_grad()
-def sample_completions(model, tokenizer: Tokenizer, prompts: Sequence[str], num_samples: int = 1,
-                       temperature: float = 1.0, greedy: bool = False, max_new_tokens: int = 32,
-                       seed: int = 0, max_batch: int = 512) -> List[List[str]]:
-    """`num_samples` completions per prompt (decoded, cut at the first stop id), as
-    [prompt][sample]. Greedy when `greedy`, else ancestral sampling at `temperature`."""
-    model.eval()
-    cache_kw = _cache_kwarg(model)
-    gen = torch.Generator().manual_seed(seed)
-    stop = torch.tensor(tokenizer.stop_ids)
-    encoded = [encode_prompt(tokenizer, p) for p in prompts]
-    jobs = [(i, j) for i in range(len(prompts)) for j in range(num_samples)]
-    by_length: Dict[int, List[Tuple[int, int]]] = {}
-    for job in jobs:
-        by_length.setdefault(len(encoded[job[0]]), []).append(job)
-    out: List[List[str]] = [[""] * num_samples for _ in prompts]
-    for length in sorted(by_length):
-        group = by_length[length]
-        for b in range(0, len(group), max_batch):
-            chunk = group[b:b + max_batch]
-            ids = torch.tensor([encoded[i] for i, _ in chunk])
-            res = model(input_ids=ids, use_cache=True)
-            past, logits = _cache_of(res), res.logits[:, -1]
-            done = torch.zeros(len(chunk), dtype=torch.bool)
-            new: List[torch.Tensor] = []
-            for _ in range(max_new_tokens):
-                if greedy:
-                    nxt = logits.argmax(-1)
-                else:
-                    probs = torch.softmax(logits.float() / temperature, dim=-1)
-                    nxt = torch.multinomial(probs, 1, generator=gen).squeeze(1)
-                nxt = torch.where(done, torch.full_like(nxt, tokenizer.pad_id), nxt)
-                new.append(nxt)
-                done |= torch.isin(nxt, stop)
-                if bool(done.all()):
-                    break
-                res = model(input_ids=nxt[:, None], use_cache=True, **{cache_kw: past})
-                past, logits = _cache_of(res), res.logits[:, -1]
-            tokens = torch.stack(new, 1).tolist()
-            for (i, j), row in zip(chunk, tokens):
-                cut = next((t for t, x in enumerate(row) if x in tokenizer.stop_ids), len(row))
-                out[i][j] = tokenizer.decode(row[:cut])
-    return out
-
-
 def evaluate(model, tokenizer: Tokenizer, rows: Sequence[Dict], k: int = 8,
              temperature: float = 1.0, max_new_tokens: int = 32, seed: int = 0,
              answer_key: str = "answer") -> Dict[str, float]:
-    """Greedy accuracy, pass@1 (mean over k samples) and maj@k on `rows` (true answers)."""
-    prompts = [r["prompt"] for r in rows]
+    """Greedy accuracy, pass@1 (mean over k samples) and maj@k on `rows` (true answers),
+    sampled through the same embedded engine the trainer uses."""
+    from megatron_mgrpo.eval_metrics import sample_accuracy
+    from megatron_mgrpo.rollout.base import SamplingParams
+    from megatron_mgrpo.rollout.embedded import EmbeddedEngine
+
+    engine = EmbeddedEngine(model.config.to_dict())
+    engine.update_weights("policy", [list(model.state_dict().items())], version=0)
+    prompts = [encode_prompt(tokenizer, r["prompt"]) for r in rows]
     truth = [str(r[answer_key]) for r in rows]
     start = time.time()
-    greedy = sample_completions(model, tokenizer, prompts, 1, greedy=True,
-                                max_new_tokens=max_new_tokens)
-    samples = sample_completions(model, tokenizer, prompts, k, temperature=temperature,
-                                 max_new_tokens=max_new_tokens, seed=seed)
-    n = len(rows)
-    greedy_acc = pass1 = maj = parsed = agreement = distinct_wrong = 0.0
-    for g, s, y in zip(greedy, samples, truth):
-        greedy_acc += math_equivalent(extract_boxed(g[0]), y)
-        answers = [extract_boxed(c) for c in s]
-        parsed += sum(a is not None for a in answers) / k
-        pass1 += sum(math_equivalent(a, y) for a in answers) / k
-        vote = majority_vote(answers, math_equivalent)
-        maj += math_equivalent(vote.pseudo_label, y)
-        agreement += vote.agreement
-        wrong = [a for a in answers if a is not None and not math_equivalent(a, y)]
-        distinct_wrong += (len(set(wrong)) / len(wrong)) if wrong else 1.0
-    return {"num_prompts": n, "k": k, "temperature": temperature,
-            "greedy": greedy_acc / n, "pass@1": pass1 / n, f"maj@{k}": maj / n,
-            "parsed": parsed / n, "agreement": agreement / n,
-            "distinct_wrong_share": distinct_wrong / n, "seconds": time.time() - start}
+
+    def answers(n: int, temp: float):
+        params = SamplingParams(temperature=temp, max_new_tokens=max_new_tokens,
+                                stop_token_ids=list(tokenizer.stop_ids), seed=seed)
+        return [[extract_boxed(tokenizer.decode(list(c.token_ids))) for c in group]
+                for group in engine.generate(prompts, n, params)]
+
+    greedy = sample_accuracy(answers(1, 0.0), truth, math_equivalent)["pass@1"]
+    sampled = sample_accuracy(answers(k, temperature), truth, math_equivalent)
+    return {"num_prompts": len(rows), "k": k, "temperature": temperature, "greedy": greedy,
+            "pass@1": sampled["pass@1"], f"maj@{k}": sampled["maj@k"],
+            "parsed": sampled["parsed"], "agreement": sampled["agreement"],
+            "distinct_wrong_share": sampled["distinct_wrong_share"],
+            "seconds": time.time() - start}

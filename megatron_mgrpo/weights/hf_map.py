@@ -12,7 +12,7 @@ so a converter never holds more than one layer's attention weights at once.
 from __future__ import annotations
 
 import re
-from typing import Callable, Dict, Iterator, Mapping, Tuple
+from typing import Iterator, Mapping, Tuple
 
 import torch
 
