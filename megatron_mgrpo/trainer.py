@@ -17,6 +17,7 @@ rollouts, so every rank builds the same global batch and takes its data-parallel
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
 from typing import Dict, List, Optional, Sequence
 
@@ -25,6 +26,7 @@ import torch.distributed as dist
 
 from megatron_mgrpo.algorithm import plan_for_mode
 from megatron_mgrpo.checkpoint import latest_step, load_checkpoint, save_checkpoint, step_dir
+from megatron_mgrpo.config import dump_config
 from megatron_mgrpo.config.schema import Config
 from megatron_mgrpo.eval_metrics import sample_accuracy
 from megatron_mgrpo.models.architecture import complete, hf_config_dict
@@ -225,7 +227,7 @@ class Trainer:
 
     def save(self) -> None:
         save_checkpoint(self.cfg.training.run_dir, self.step, self.policy, self.momentum,
-                        {"data": self.sampler.state_dict()})
+                        {"data": self.sampler.state_dict(), "config": dump_config(self.cfg)})
 
     def resume(self) -> bool:
         last = latest_step(self.cfg.training.run_dir)
@@ -247,6 +249,9 @@ class Trainer:
                                  progress_bar=cfg.logging.progress_bar)
         if resumed:
             self._say(f"resumed from step {self.step}")
+        if self.is_main:  # the resolved config beside the metrics: the run is reproducible
+            with open(os.path.join(t.run_dir, "config.yaml"), "w") as f:
+                f.write(dump_config(cfg))
         self.push_weights(momentum_too=True)
         history = []
         if self.step == 0 and t.eval_interval:

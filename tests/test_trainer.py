@@ -86,6 +86,13 @@ def test_run_writes_metrics_plots_and_checkpoints(uninterrupted):
     assert sorted(os.listdir(os.path.join(run_dir, "checkpoints"))) == [
         "latest", "step_0000002", "step_0000004"]
     assert versions == (4, 4)  # the engine holds the last step's policy and momentum weights
+    from megatron_mgrpo.checkpoint import read_trainer_state, step_dir
+    from megatron_mgrpo.config import load_config
+
+    saved = load_config(os.path.join(run_dir, "config.yaml"))
+    assert saved.training.steps == 4 and saved.training.run_dir == run_dir
+    state = read_trainer_state(step_dir(run_dir, 4))
+    assert state["step"] == 4 and "training:" in state["config"]
 
 
 def test_resumed_run_equals_uninterrupted(tiny_base, uninterrupted, tmp_path):
