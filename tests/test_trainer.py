@@ -178,3 +178,53 @@ def test_bad_data_is_one_clear_line(tiny_base, tmp_path):
     done = run(tmp_path / "missing.jsonl")
     assert done.returncode == 2 and "missing.jsonl" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def export_worker(run_dir, out_dir, which):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from megatron_mgrpo.checkpoint import latest_step, load_checkpoint, step_dir
+    from megatron_mgrpo.config import load_config
+    from megatron_mgrpo.data.tokenizer import load_tokenizer
+    from megatron_mgrpo.models.policy import MegatronPolicy
+    from megatron_mgrpo.optim.momentum import MomentumModel
+    from megatron_mgrpo.parallel import init_parallel
+    from megatron_mgrpo.weights.push import iter_hf_tensors
+
+    spec = importlib.util.spec_from_file_location(
+        "convert", os.path.join(ROOT, "tools/convert_megatron_to_hf.py"))
+    convert = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(convert)
+    convert.main(["--ckpt", run_dir, "--out", out_dir, "--model", which, "--dtype", "fp32"])
+
+    # The reference: the same checkpoint loaded into a Megatron policy and momentum model.
+    cfg = load_config(os.path.join(run_dir, "config.yaml"))
+    policy = MegatronPolicy(cfg, init_parallel(cfg.parallel))
+    momentum = MomentumModel(list(policy.unwrapped.parameters()), cfg.algorithm.momentum)
+    load_checkpoint(step_dir(run_dir, latest_step(run_dir)), policy, momentum,
+                    load_optimizer=False)
+    want = dict(iter_hf_tensors(policy, momentum.tensor_of if which == "momentum" else None))
+    hf = AutoModelForCausalLM.from_pretrained(out_dir, local_files_only=True).eval()
+    got = hf.state_dict()
+    tok = load_tokenizer(out_dir)  # the tokenizer travelled with the export
+    ids = torch.tensor([[tok.bos_id] + tok.encode("Q: Ann has 3 pens. A: 3+4=7, \\boxed{7}")])
+    with torch.no_grad():
+        dense = torch.log_softmax(hf(input_ids=ids).logits[:, :-1].float(), -1)
+    hf_lp = dense.gather(-1, ids[:, 1:, None]).squeeze(-1)
+    mg_lp, _ = policy.logprobs({"input_ids": ids}, with_entropy=False)
+    return {"equal": all(torch.equal(got[k], v) for k, v in want.items()),
+            "names": sorted(want), "hf_names": sorted(k for k in got if k != "lm_head.weight"),
+            "hf_lp": hf_lp, "mg_lp": mg_lp[:, 1:], "first": want[sorted(want)[0]]}
+
+
+def test_export_to_hf_holds_the_checkpoints_policy_and_momentum(uninterrupted, tmp_path):
+    import torch
+
+    run_dir, _ = uninterrupted
+    (policy,) = run_workers(export_worker, 1, run_dir, str(tmp_path / "policy"), "policy")
+    assert policy["equal"] and policy["names"] == policy["hf_names"]
+    torch.testing.assert_close(policy["hf_lp"], policy["mg_lp"], atol=2e-5, rtol=1e-5)
+    (ema,) = run_workers(export_worker, 1, run_dir, str(tmp_path / "momentum"), "momentum")
+    assert ema["equal"] and not torch.equal(ema["first"], policy["first"])
+    assert not os.path.exists(str(tmp_path / "policy") + ".tmp")
