@@ -11,7 +11,6 @@ only ever names a complete one.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import shutil
 from typing import Any, Dict, Optional
@@ -40,17 +39,22 @@ def latest_step(run_dir: str) -> Optional[int]:
     return step if os.path.isdir(step_dir(run_dir, step)) else None
 
 
-def _momentum_sharded(model_sd: Dict[str, Any], params, momentum) -> Dict[str, Any]:
-    """The momentum model as sharded tensors: the model's own sharding, EMA data in place."""
-    by_ptr = {p.data_ptr(): p for p in params}
+def _sharded_params(model) -> Dict[str, Any]:
+    """Sharded-state-dict key -> (its sharded entry, the parameter it holds), for the entries
+    that hold a parameter: the momentum model is saved and loaded under these keys."""
+    by_ptr = {p.data_ptr(): p for p in model.parameters()}
     out = {}
-    for key, sh in model_sd.items():
+    for key, sh in model.sharded_state_dict().items():
         data = getattr(sh, "data", None)
-        if data is None or not isinstance(data, torch.Tensor) or data.data_ptr() not in by_ptr:
-            continue
-        ema = momentum.tensor_of(by_ptr[data.data_ptr()])
-        out[key] = dataclasses.replace(sh, key=f"momentum.{sh.key}", data=ema)
+        if isinstance(data, torch.Tensor) and data.data_ptr() in by_ptr:
+            out[key] = (sh, by_ptr[data.data_ptr()])
     return out
+
+
+def _momentum_sharded(model, momentum) -> Dict[str, Any]:
+    """The momentum model as sharded tensors: the model's own sharding, EMA data in place."""
+    return {key: dataclasses.replace(sh, key=f"momentum.{sh.key}", data=momentum.tensor_of(p))
+            for key, (sh, p) in _sharded_params(model).items()}
 
 
 def _init_optimizer_state(optimizer) -> None:
@@ -80,8 +84,7 @@ def _sharded_state(policy, momentum, is_loading: bool, trainer_state: Dict[str, 
         state["rng"] = ShardedObject("rng_state", {"torch": torch.get_rng_state()},
                                      (dist.get_world_size(),), (dist.get_rank(),), replica_id=0)
     if momentum is not None:
-        state["momentum"] = _momentum_sharded(model.sharded_state_dict(),
-                                              list(model.parameters()), momentum)
+        state["momentum"] = _momentum_sharded(model, momentum)
     return state
 
 
@@ -138,13 +141,8 @@ def load_checkpoint(path: str, policy, momentum=None, load_optimizer: bool = Tru
     else:
         policy.optimizer.reload_model_params()
     if momentum is not None:
-        by_key = {k: v for k, v in loaded["momentum"].items()}
-        model_sd = policy.unwrapped.sharded_state_dict()
-        by_ptr = {p.data_ptr(): p for p in policy.unwrapped.parameters()}
-        for key, sh in model_sd.items():
-            data = getattr(sh, "data", None)
-            if isinstance(data, torch.Tensor) and data.data_ptr() in by_ptr and key in by_key:
-                momentum.tensor_of(by_ptr[data.data_ptr()]).copy_(by_key[key])
+        for key, (_, param) in _sharded_params(policy.unwrapped).items():
+            momentum.tensor_of(param).copy_(loaded["momentum"][key])
     rng = loaded.get("rng")
     if isinstance(rng, dict) and "torch" in rng:
         torch.set_rng_state(rng["torch"])
@@ -157,9 +155,3 @@ def read_trainer_state(path: str) -> Dict[str, Any]:
 
     return load_common_state_dict(path)["trainer"]
 
-
-def write_json(path: str, obj: Any) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-    os.replace(tmp, path)
