@@ -45,7 +45,8 @@ class ParallelContext:
         return self.pp_rank == self.pp_size - 1
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port on loopback that nothing listens on right now."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -69,7 +70,7 @@ def init_parallel(parallel: ParallelConfig, seed: int = 1234,
     if not dist.is_initialized():
         if "RANK" not in os.environ:  # a plain `python` run: a world of one
             os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-            os.environ.setdefault("MASTER_PORT", str(_free_port()))
+            os.environ.setdefault("MASTER_PORT", str(free_port()))
             os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
         if has_gpu:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))

@@ -18,13 +18,13 @@ from typing import Dict, List
 
 import torch
 
-from megatron_mgrpo.algorithm import plan_for_mode
 from megatron_mgrpo.algorithm.vote import exact_match
 from megatron_mgrpo.config.schema import Config
 from megatron_mgrpo.models.policy import MegatronPolicy
 from megatron_mgrpo.optim.momentum import MomentumModel
 from megatron_mgrpo.parallel import init_parallel
-from megatron_mgrpo.update import make_loss_fn, plan_update, score_groups, trained_columns
+from megatron_mgrpo.update import (make_loss_fn, mode_plan, plan_update, score_groups,
+                                   trained_columns)
 
 
 def synthetic_rollouts(num_prompts: int, group: int, prompt_len: int, completion_len: int,
@@ -65,8 +65,7 @@ def run_smoke(cfg: Config, log=print) -> List[Dict[str, float]]:
     ctx = init_parallel(cfg.parallel, seed=cfg.training.seed)
     torch.manual_seed(cfg.training.seed)
     r, a = cfg.rollout, cfg.algorithm
-    plan = plan_for_mode(a.mode, r.num_policy_rollouts, r.num_momentum_rollouts, a.iqr_filter,
-                         a.ttrl_num_train, a.train_on_momentum_rollouts)
+    plan = mode_plan(r, a)
     policy = MegatronPolicy(cfg, ctx, total_steps=cfg.training.steps,
                             temperature=r.temperature)
     batch = synthetic_rollouts(cfg.data.prompts_per_step, plan.group_size,

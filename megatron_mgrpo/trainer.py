@@ -24,7 +24,6 @@ from typing import Dict, List, Optional, Sequence
 import torch
 import torch.distributed as dist
 
-from megatron_mgrpo.algorithm import plan_for_mode
 from megatron_mgrpo.checkpoint import latest_step, load_checkpoint, save_checkpoint, step_dir
 from megatron_mgrpo.config import dump_config
 from megatron_mgrpo.config.schema import Config
@@ -35,7 +34,8 @@ from megatron_mgrpo.metrics import MetricsLogger, plot_metrics
 from megatron_mgrpo.optim.momentum import MomentumModel
 from megatron_mgrpo.parallel import ParallelContext, init_parallel
 from megatron_mgrpo.rewards import get_grader
-from megatron_mgrpo.update import make_loss_fn, plan_update, score_groups, trained_columns
+from megatron_mgrpo.update import (make_loss_fn, mode_plan, plan_update, score_groups,
+                                   trained_columns)
 
 
 @dataclasses.dataclass
@@ -98,8 +98,7 @@ class Trainer:
         self.ctx = init_parallel(cfg.parallel, seed=cfg.training.seed)
         torch.manual_seed(cfg.training.seed)
         r, a, d = cfg.rollout, cfg.algorithm, cfg.data
-        self.plan = plan_for_mode(a.mode, r.num_policy_rollouts, r.num_momentum_rollouts,
-                                  a.iqr_filter, a.ttrl_num_train, a.train_on_momentum_rollouts)
+        self.plan = mode_plan(r, a)
         self.grader = get_grader(a.grader)
         self.is_main = self.ctx.rank == 0
         self.log = MetricsLogger(cfg.training.run_dir, cfg.training.steps, enabled=False)

@@ -25,11 +25,17 @@ from typing import Callable, Dict, List, Optional, Sequence
 import torch
 
 from megatron_mgrpo.algorithm import (ModePlan, clipped_surrogate_loss, group_advantages,
-                                      group_binary_rewards, iqr_entropy_filter, pseudo_labels,
-                                      select_training_subset, trajectory_entropy)
-from megatron_mgrpo.config.schema import AlgorithmConfig
+                                      group_binary_rewards, iqr_entropy_filter, plan_for_mode,
+                                      pseudo_labels, select_training_subset, trajectory_entropy)
+from megatron_mgrpo.config.schema import AlgorithmConfig, RolloutConfig
 
 Equivalent = Callable[[str, str], bool]
+
+
+def mode_plan(rollout: RolloutConfig, alg: AlgorithmConfig) -> ModePlan:
+    """What a step does under this config (ValueError when the mode's rules are broken)."""
+    return plan_for_mode(alg.mode, rollout.num_policy_rollouts, rollout.num_momentum_rollouts,
+                         alg.iqr_filter, alg.ttrl_num_train, alg.train_on_momentum_rollouts)
 
 
 @dataclass

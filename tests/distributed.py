@@ -7,7 +7,6 @@ through a file; a worker that raises fails the test with its traceback.
 from __future__ import annotations
 
 import os
-import socket
 import tempfile
 import traceback
 import warnings
@@ -15,11 +14,7 @@ import warnings
 import torch
 import torch.multiprocessing as mp
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from megatron_mgrpo.parallel import free_port
 
 
 def _entry(fn, rank, world_size, port, out_dir, args):
@@ -43,7 +38,7 @@ def _entry(fn, rank, world_size, port, out_dir, args):
 def run_workers(fn, world_size: int, *args, timeout_s: float = 300.0) -> list:
     """Run fn(*args) on `world_size` spawned ranks; return their results in rank order."""
     ctx = mp.get_context("spawn")
-    port = _free_port()
+    port = free_port()
     with tempfile.TemporaryDirectory() as out_dir:
         procs = [ctx.Process(target=_entry, args=(fn, r, world_size, port, out_dir, args))
                  for r in range(world_size)]

@@ -445,11 +445,10 @@ def _validate(cfg: Config, world_size: Optional[int]) -> None:
             1 <= a.ttrl_num_train <= r.num_policy_rollouts):
         _fail("algorithm.ttrl_num_train", a.ttrl_num_train,
               f"an integer in [1, rollout.num_policy_rollouts={r.num_policy_rollouts}]")
-    from megatron_mgrpo.algorithm.modes import plan_for_mode
+    from megatron_mgrpo.update import mode_plan
 
     try:  # the mode rules live in one place; the checks above give the friendlier messages
-        plan_for_mode(a.mode, r.num_policy_rollouts, r.num_momentum_rollouts, a.iqr_filter,
-                      a.ttrl_num_train, a.train_on_momentum_rollouts)
+        mode_plan(r, a)
     except ValueError as e:
         raise ConfigError(f"algorithm.mode {a.mode!r} with rollout.num_policy_rollouts="
                           f"{r.num_policy_rollouts}, rollout.num_momentum_rollouts="
