@@ -1,8 +1,8 @@
 """Read HF checkpoints (safetensors, single file or sharded with an index) lazily, by name.
 
-`HFCheckpoint(dir)` is a read-only mapping from tensor names to tensors that opens each shard
-with `safetensors.safe_open` and reads a tensor only when it is asked for, so converting a big
-model tensor by tensor never holds the whole model.
+`HFCheckpoint(dir)` is a read-only mapping from tensor names to tensors. Opening it reads only
+the shards' headers (so names, shapes and dtypes can be checked before any data is touched); a
+tensor is read from disk when it is asked for, into memory of its own size.
 """
 
 from __future__ import annotations
@@ -10,11 +10,12 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Mapping
-from typing import Dict, Iterator
+from typing import Dict, Iterator, Tuple
 
 import torch
 
 from megatron_mgrpo.config.schema import ConfigError
+from megatron_mgrpo.weights.safetensors_io import DTYPES, SafetensorsError, read_header, read_tensor
 
 _INDEX = "model.safetensors.index.json"
 _SINGLE = "model.safetensors"
@@ -29,45 +30,78 @@ class HFCheckpoint(Mapping):
         single = os.path.join(directory, _SINGLE)
         if os.path.isfile(index):
             with open(index) as f:
-                weight_map = json.load(f)["weight_map"]
+                try:
+                    weight_map = json.load(f)["weight_map"]
+                except (json.JSONDecodeError, KeyError) as e:
+                    raise ConfigError(f"model.load: {index} is not a safetensors index "
+                                      f"({e})") from None
+            shards = sorted(set(weight_map.values()))
         elif os.path.isfile(single):
-            from safetensors import safe_open
-
-            with safe_open(single, framework="pt") as f:
-                weight_map = {k: _SINGLE for k in f.keys()}
+            weight_map, shards = None, [_SINGLE]
         else:
             raise ConfigError(f"model.load: no {_SINGLE} or {_INDEX} in {directory!r}")
-        missing = sorted({s for s in weight_map.values()
-                          if not os.path.isfile(os.path.join(directory, s))})
+        missing = [s for s in shards if not os.path.isfile(os.path.join(directory, s))]
         if missing:
             raise ConfigError(f"model.load: shard(s) {', '.join(missing)} listed in {directory!r} "
                               "are missing")
-        self._where: Dict[str, str] = weight_map
-        self._handles: Dict[str, object] = {}
+        self._entries: Dict[str, Tuple[str, dict, int]] = {}
+        for shard in shards:
+            path = os.path.join(directory, shard)
+            try:
+                header, start = read_header(path)
+            except SafetensorsError as e:
+                raise ConfigError(f"model.load: {e}") from None
+            for name, entry in header.items():
+                if weight_map is None or weight_map.get(name) == shard:
+                    self._entries[name] = (path, entry, start)
+        absent = sorted(n for n, s in (weight_map or {}).items() if n not in self._entries)
+        if absent:
+            raise ConfigError(f"model.load: {len(absent)} tensor(s) of the index are not in "
+                              f"their shard (first: {absent[0]!r} in {weight_map[absent[0]]})")
+        self._files: Dict[str, object] = {}
 
-    def _handle(self, shard: str):
-        from safetensors import safe_open
+    def shape(self, name: str) -> Tuple[int, ...]:
+        return tuple(self._entries[name][1]["shape"])
 
-        if shard not in self._handles:
-            self._handles[shard] = safe_open(os.path.join(self.directory, shard), framework="pt")
-        return self._handles[shard]
+    def dtype(self, name: str) -> torch.dtype:
+        code = self._entries[name][1]["dtype"]
+        if code not in DTYPES:
+            raise ConfigError(f"model.load: {name} has dtype {code}, which is not supported")
+        return DTYPES[code]
+
+    def nbytes(self, name: str) -> int:
+        begin, end = self._entries[name][1]["data_offsets"]
+        return end - begin
 
     def __getitem__(self, name: str) -> torch.Tensor:
-        return self._handle(self._where[name]).get_tensor(name)
+        path, entry, start = self._entries[name]
+        if path not in self._files:
+            self._files[path] = open(path, "rb")
+        return read_tensor(self._files[path], entry, start)
 
     def __iter__(self) -> Iterator[str]:
-        return iter(self._where)
+        return iter(self._entries)
 
     def __len__(self) -> int:
-        return len(self._where)
+        return len(self._entries)
+
+    def close(self) -> None:
+        for f in self._files.values():
+            f.close()
+        self._files.clear()
 
 
 def load_hf_into_policy(policy, directory: str) -> None:
-    """Initialise a MegatronPolicy from an HF model directory (every rank reads its tensors)."""
+    """Initialise a MegatronPolicy from an HF model directory. Each rank reads only the tensors
+    of its pipeline stage, one at a time, and keeps its TP shard of each."""
     from megatron_mgrpo.weights.hf_map import hf_to_megatron
+    from megatron_mgrpo.weights.megatron_layout import load_full_tensors, stage_targets
 
     hf = HFCheckpoint(directory)
-    full = {}
-    for name, tensor in hf_to_megatron(hf, policy.model_cfg):
-        full[name] = tensor.float()
-    policy.load_full_state_dict(full)
+    model = policy.unwrapped
+    try:
+        load_full_tensors(model, hf_to_megatron(hf, policy.model_cfg, names=stage_targets(model)),
+                          policy.ctx.tp_rank, policy.ctx.tp_size)
+    finally:
+        hf.close()
+    policy.optimizer.reload_model_params()

@@ -12,7 +12,7 @@ so a converter never holds more than one layer's attention weights at once.
 from __future__ import annotations
 
 import re
-from typing import Iterator, Mapping, Tuple
+from typing import Dict, Iterable, Iterator, Mapping, Optional, Tuple
 
 import torch
 
@@ -65,7 +65,8 @@ def split_qkv(qkv: torch.Tensor, m: ModelConfig) -> Tuple[torch.Tensor, torch.Te
             v.reshape(groups * hd, *rest))
 
 
-def _expected_megatron_names(m: ModelConfig):
+def expected_megatron_names(m: ModelConfig) -> Iterator[str]:
+    """Every full Megatron tensor of the model, layer by layer, in conversion order."""
     m = complete(m)
     for i in range(m.num_layers):
         for mg in _ONE_TO_ONE:
@@ -84,16 +85,46 @@ def _expected_megatron_names(m: ModelConfig):
         yield "output_layer.weight"
 
 
-def hf_to_megatron(hf: Mapping[str, torch.Tensor], m: ModelConfig
-                   ) -> Iterator[Tuple[str, torch.Tensor]]:
-    """Yield (megatron name, tensor) for every Megatron tensor of the model, reading `hf` by
-    key. A missing HF tensor raises KeyError naming it."""
+def megatron_shapes(m: ModelConfig) -> Dict[str, Tuple[int, ...]]:
+    """Full (TP=1, unpadded vocabulary) shape of every Megatron tensor, in conversion order."""
+    m = complete(m)
+    h, hd, f, v = m.hidden_size, m.head_dim, m.intermediate_size, m.vocab_size
+    qkv = (m.num_attention_heads + 2 * m.num_key_value_heads) * hd
+    by_suffix = {
+        "word_embeddings.weight": (v, h), "output_layer.weight": (v, h),
+        "layernorm.weight": (h,), "linear_qkv.weight": (qkv, h), "linear_qkv.bias": (qkv,),
+        "linear_proj.weight": (h, m.num_attention_heads * hd), "linear_fc1.weight": (2 * f, h),
+        "linear_fc2.weight": (h, f), "q_layernorm.weight": (hd,), "k_layernorm.weight": (hd,),
+    }
+    out = {}
+    for name in expected_megatron_names(m):
+        suffix = max((s for s in by_suffix if name.endswith(s)), key=len)
+        out[name] = by_suffix[suffix]
+    return out
+
+
+def hf_shapes(m: ModelConfig) -> Dict[str, Tuple[int, ...]]:
+    """Shape of every HF tensor the model needs (from the same map, on meta tensors)."""
+    out = {}
+    for name, shape in megatron_shapes(m).items():
+        for hf_name, t in megatron_to_hf_tensors(name, torch.empty(shape, device="meta"), m):
+            out[hf_name] = tuple(t.shape)
+    return out
+
+
+def hf_to_megatron(hf: Mapping[str, torch.Tensor], m: ModelConfig,
+                   names: Optional[Iterable[str]] = None) -> Iterator[Tuple[str, torch.Tensor]]:
+    """Yield (megatron name, tensor) for every Megatron tensor of the model (or only `names`),
+    reading `hf` by key. A missing HF tensor raises KeyError naming it."""
+    wanted = None if names is None else set(names)
     def get(name):
         if name not in hf:
             raise KeyError(f"HF checkpoint has no tensor {name!r}")
         return hf[name]
 
-    for mg in _expected_megatron_names(m):
+    for mg in expected_megatron_names(m):
+        if wanted is not None and mg not in wanted:
+            continue
         layer = re.match(r"decoder\.layers\.(\d+)\.", mg)
         i = layer.group(1) if layer else None
         if mg.endswith("linear_qkv.weight") or mg.endswith("linear_qkv.bias"):
@@ -135,5 +166,5 @@ def megatron_to_hf_tensors(name: str, tensor: torch.Tensor, m: ModelConfig
 def megatron_to_hf(mg: Mapping[str, torch.Tensor], m: ModelConfig
                    ) -> Iterator[Tuple[str, torch.Tensor]]:
     """Yield HF (name, tensor) pairs for a full Megatron state dict (tied models: no lm_head)."""
-    for name in _expected_megatron_names(m):
+    for name in expected_megatron_names(m):
         yield from megatron_to_hf_tensors(name, mg[name], m)

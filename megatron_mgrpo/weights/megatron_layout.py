@@ -13,7 +13,7 @@ big model never needs to exist at once: `shard_tensor` / `unshard_tensor` work t
 from __future__ import annotations
 
 import re
-from typing import Callable, Dict, Iterator, List, Optional, Tuple
+from typing import Callable, Dict, Iterable, Iterator, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -67,44 +67,57 @@ def _is_vocab(name: str) -> bool:
     return name in (_EMBED, _OUTPUT)
 
 
-def _full_for(name: str, param, full: Dict[str, torch.Tensor], tied: bool) -> str:
-    """Which full tensor feeds this local parameter (tied output layer reads the embedding)."""
-    if name == _OUTPUT and tied:
-        return _EMBED
-    return name
+def stage_targets(model) -> Dict[str, List[torch.nn.Parameter]]:
+    """Full tensor name -> this rank's parameters that take a shard of it (the tied output
+    layer of a last pipeline stage reads the embedding)."""
+    offset = layer_offset(model)
+    tied = model.share_embeddings_and_output_weights
+    out: Dict[str, List[torch.nn.Parameter]] = {}
+    for local, param in model.named_parameters():
+        name = to_global_name(local, offset)
+        if name == _OUTPUT and tied:
+            name = _EMBED
+        out.setdefault(name, []).append(param)
+    return out
 
 
 @torch.no_grad()
+def _copy_shard(param, name: str, src: torch.Tensor, tp_rank: int, tp_size: int) -> None:
+    dim, stride = _split_info(param)
+    if _is_vocab(name):
+        padded_rows = param.shape[0] * (tp_size if dim == 0 else 1)
+        if src.shape[0] > padded_rows:
+            raise ValueError(f"{name}: {src.shape[0]} rows, more than the model's {padded_rows}")
+        if src.shape[0] < padded_rows:
+            src = torch.cat([src, src.new_zeros(padded_rows - src.shape[0], *src.shape[1:])])
+    shard = shard_tensor(src, tp_rank, tp_size, dim, stride)
+    if shard.shape != param.shape:
+        raise ValueError(f"{name}: shard shape {tuple(shard.shape)} does not match the "
+                         f"parameter's {tuple(param.shape)} (tp_rank {tp_rank}/{tp_size})")
+    param.copy_(shard.to(param.dtype))
+
+
+def load_full_tensors(model, tensors: Iterable[Tuple[str, torch.Tensor]], tp_rank: int,
+                      tp_size: int, strict: bool = True) -> None:
+    """Copy a stream of full tensors into this rank's (TP-sharded, PP-staged) parameters in
+    place, one at a time; names this stage does not hold are skipped. Vocabulary tensors hold
+    the real vocabulary; padding rows are zero-filled."""
+    targets = stage_targets(model)
+    done = set()
+    for name, src in tensors:
+        for param in targets.get(name, ()):
+            _copy_shard(param, name, src, tp_rank, tp_size)
+            done.add(name)
+    missing = sorted(set(targets) - done)
+    if strict and missing:
+        raise KeyError(f"no tensor for {', '.join(missing)}")
+
+
 def load_full_state_dict(model, full: Dict[str, torch.Tensor], tp_rank: int, tp_size: int,
                          strict: bool = True) -> None:
-    """Copy full tensors into this rank's (TP-sharded, PP-staged) parameters in place.
-
-    Vocabulary tensors hold the real vocabulary; padding rows are zero-filled.
-    """
-    offset = layer_offset(model)
-    tied = model.share_embeddings_and_output_weights
-    used = set()
-    for local, param in model.named_parameters():
-        name = _full_for(to_global_name(local, offset), param, full, tied)
-        if name not in full:
-            if strict:
-                raise KeyError(f"full state dict has no tensor {name!r} (for {local!r})")
-            continue
-        used.add(name)
-        src = full[name]
-        dim, stride = _split_info(param)
-        if _is_vocab(name):
-            padded_rows = param.shape[0] * (tp_size if dim == 0 else 1)
-            if src.shape[0] > padded_rows:
-                raise ValueError(f"{name}: {src.shape[0]} rows, more than the model's "
-                                 f"{padded_rows}")
-            if src.shape[0] < padded_rows:
-                src = torch.cat([src, src.new_zeros(padded_rows - src.shape[0], *src.shape[1:])])
-        shard = shard_tensor(src, tp_rank, tp_size, dim, stride)
-        if shard.shape != param.shape:
-            raise ValueError(f"{name}: shard shape {tuple(shard.shape)} does not match the "
-                             f"parameter's {tuple(param.shape)} (tp_rank {tp_rank}/{tp_size})")
-        param.copy_(shard.to(param.dtype))
+    """`load_full_tensors` from a dict of full tensors."""
+    load_full_tensors(model, ((n, full[n]) for n in stage_targets(model) if n in full),
+                      tp_rank, tp_size, strict)
 
 
 def iter_full_tensors(model, tp_group, tp_size: int, real_vocab_size: int,

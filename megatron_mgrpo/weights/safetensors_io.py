@@ -1,0 +1,126 @@
+"""safetensors files read and written tensor by tensor, with plain file I/O.
+
+`safetensors.safe_open` memory-maps a file, and every page a read touches stays in the process's
+resident set until the file is closed: converting a 70B shard that way costs the shard's size in
+RSS. Here a tensor is read with one `readinto` into a buffer of its own size, and written with
+one `write` after a header computed from the shapes alone, so a converter holds one tensor (and
+what it is being fused with) at a time. The format: an 8-byte little-endian header length, a
+JSON header {name: {dtype, shape, data_offsets}} padded to 8 bytes, then the data, contiguous.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+
+import torch
+
+DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
+          "BF16": torch.bfloat16, "I64": torch.int64, "I32": torch.int32, "I16": torch.int16,
+          "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
+CODES = {v: k for k, v in DTYPES.items()}
+
+
+class SafetensorsError(ValueError):
+    """A file that is not a readable safetensors file."""
+
+
+def read_header(path: str) -> Tuple[Dict[str, dict], int]:
+    """(tensor name -> {dtype, shape, data_offsets}, byte offset of the data) of one file."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(8)
+            if len(raw) != 8:
+                raise SafetensorsError(f"{path}: too short to be a safetensors file")
+            (n,) = struct.unpack("<Q", raw)
+            size = os.fstat(f.fileno()).st_size
+            if n > size - 8:
+                raise SafetensorsError(f"{path}: header length {n} exceeds the file's size")
+            header = json.loads(f.read(n))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise SafetensorsError(f"{path}: unreadable safetensors header ({e})") from None
+    header.pop("__metadata__", None)
+    end = max((h["data_offsets"][1] for h in header.values()), default=0)
+    if 8 + n + end > size:
+        raise SafetensorsError(f"{path}: truncated ({size} bytes, the header needs "
+                               f"{8 + n + end})")
+    return header, 8 + n
+
+
+def read_tensor(f, entry: dict, data_start: int) -> torch.Tensor:
+    """One tensor from an open file, read into a buffer of exactly its size."""
+    if entry["dtype"] not in DTYPES:
+        raise SafetensorsError(f"dtype {entry['dtype']} is not supported")
+    begin, end = entry["data_offsets"]
+    buf = torch.empty(end - begin, dtype=torch.uint8)
+    f.seek(data_start + begin)
+    if f.readinto(buf.numpy()) != end - begin:
+        raise SafetensorsError(f"{getattr(f, 'name', 'file')}: short read")
+    return buf.view(DTYPES[entry["dtype"]]).reshape(entry["shape"])
+
+
+def _nbytes(shape: Sequence[int], dtype: torch.dtype) -> int:
+    n = torch.empty((), dtype=dtype).element_size()
+    for s in shape:
+        n *= s
+    return n
+
+
+class StreamingWriter:
+    """Writes one safetensors file whose tensors (names, shapes, dtypes) are known up front.
+
+    The header goes first; `write(name, tensor)` must then come in the declared order. `close`
+    checks that every declared tensor was written, so a short file is never left looking whole.
+    """
+
+    def __init__(self, path: str, layout: Sequence[Tuple[str, Sequence[int], torch.dtype]],
+                 metadata: Optional[Dict[str, str]] = None):
+        self.path = path
+        self._order: List[Tuple[str, Tuple[int, ...], torch.dtype]] = [
+            (n, tuple(s), d) for n, s, d in layout]
+        header: Dict[str, object] = {"__metadata__": dict(metadata or {"format": "pt"})}
+        offset = 0
+        for name, shape, dtype in self._order:
+            size = _nbytes(shape, dtype)
+            header[name] = {"dtype": CODES[dtype], "shape": list(shape),
+                            "data_offsets": [offset, offset + size]}
+            offset += size
+        blob = json.dumps(header, separators=(",", ":")).encode()
+        blob += b" " * (-len(blob) % 8)
+        self._f = open(path, "wb")
+        self._f.write(struct.pack("<Q", len(blob)) + blob)
+        self._next = 0
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        want_name, shape, dtype = self._order[self._next]
+        if name != want_name or tuple(tensor.shape) != shape or tensor.dtype != dtype:
+            raise ValueError(f"{self.path}: expected {want_name} {list(shape)} {dtype}, got "
+                             f"{name} {list(tensor.shape)} {tensor.dtype}")
+        if tensor.numel():
+            self._f.write(memoryview(tensor.detach().contiguous().reshape(-1)
+                                     .view(torch.uint8).numpy()))
+        self._next += 1
+
+    def close(self) -> None:
+        self._f.close()
+        if self._next != len(self._order):
+            raise ValueError(f"{self.path}: {len(self._order) - self._next} declared tensors "
+                             "were never written")
+
+
+def plan_shards(layout: Iterable[Tuple[str, Sequence[int], torch.dtype]], shard_bytes: int
+                ) -> List[List[Tuple[str, Tuple[int, ...], torch.dtype]]]:
+    """Split an ordered layout into consecutive shards of at most `shard_bytes` (a tensor larger
+    than that gets a shard of its own)."""
+    shards: List[List[Tuple[str, Tuple[int, ...], torch.dtype]]] = [[]]
+    size = 0
+    for name, shape, dtype in layout:
+        n = _nbytes(shape, dtype)
+        if shards[-1] and size + n > shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append((name, tuple(shape), dtype))
+        size += n
+    return [s for s in shards if s]
