@@ -149,6 +149,28 @@ def load_checkpoint(path: str, policy, momentum=None, load_optimizer: bool = Tru
     return loaded["trainer"]
 
 
+def load_model_weights(policy, path: str) -> None:
+    """Only the policy's weights from a dist checkpoint: an HF model converted by
+    `tools/convert_hf_to_megatron.py` (or a training checkpoint, whose optimizer state and
+    momentum model are left alone), at whatever TP/PP it was written. Collective."""
+    from megatron.core import dist_checkpointing
+
+    from megatron_mgrpo.weights.dist_checkpoint import stored_tensors
+
+    params = _sharded_params(policy.unwrapped)
+    stored = stored_tensors(path)
+    missing = sorted({sh.key for sh, _ in params.values()} - set(stored))
+    if missing:
+        raise ValueError(f"{path}: the checkpoint has no tensor {missing[0]!r}"
+                         f"{f' (and {len(missing) - 1} more)' if len(missing) > 1 else ''}; "
+                         "was it written for another architecture?")
+    loaded = dist_checkpointing.load({key: sh for key, (sh, _) in params.items()}, path)
+    with torch.no_grad():
+        for key, (_, param) in params.items():
+            param.copy_(loaded[key])
+    policy.optimizer.reload_model_params()
+
+
 def read_trainer_state(path: str) -> Dict[str, Any]:
     """The trainer state of a checkpoint without loading tensors (for tools and logs)."""
     from megatron.core.dist_checkpointing import load_common_state_dict

@@ -117,9 +117,9 @@ class Trainer:
         self.policy = MegatronPolicy(cfg, self.ctx, total_steps=updates,
                                      temperature=r.temperature)
         if cfg.model.load:
-            from megatron_mgrpo.weights.hf_io import load_hf_into_policy
+            from megatron_mgrpo.weights.pretrained import load_pretrained
 
-            load_hf_into_policy(self.policy, cfg.model.load)
+            load_pretrained(self.policy, cfg.model.load)
         self.momentum = (MomentumModel(list(self.policy.unwrapped.parameters()), a.momentum,
                                        a.momentum_update_interval)
                          if self.plan.use_momentum_model else None)
@@ -226,7 +226,8 @@ class Trainer:
 
     def save(self) -> None:
         save_checkpoint(self.cfg.training.run_dir, self.step, self.policy, self.momentum,
-                        {"data": self.sampler.state_dict(), "config": dump_config(self.cfg)})
+                        {"data": self.sampler.state_dict(), "config": dump_config(self.cfg),
+                         "hf_config": hf_config_dict(self.policy.model_cfg)})
 
     def resume(self) -> bool:
         last = latest_step(self.cfg.training.run_dir)

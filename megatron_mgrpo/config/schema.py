@@ -376,7 +376,7 @@ def _validate(cfg: Config, world_size: Optional[int]) -> None:
     _one_of("algorithm.mode", a.mode, MODES)
     _one_of("algorithm.grader", a.grader, ("math", "multiple_choice"))
     _one_of("optimizer.schedule", o.schedule, ("constant", "cosine", "linear"))
-    if m.hf_config:
+    if m.hf_config or m.load:
         # The architecture comes from the HF config, not from the placeholder defaults here:
         # check the parallel layout against the real head and layer counts.
         from megatron_mgrpo.models.architecture import complete
