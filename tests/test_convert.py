@@ -211,8 +211,7 @@ def _break(hf_dir, tmp_path, how):
     ("shape", 1, "has shape .* but config.json implies"),
     ("shard", 1, "shard\\(s\\) model-\\d+-of-\\d+\\.safetensors .* are missing"),
     ("act", 1, "hidden_act 'gelu' is not supported"),
-    ("none", 4, "parallel.tensor_parallel: got 4; accepted: a divisor of "
-                "model.num_attention_heads=6"),
+    ("none", 4, "--tp: got 4; accepted: a divisor of num_attention_heads=6"),
 ])
 def test_bad_input_is_one_line_and_leaves_no_output(converted, tmp_path, how, tp, message):
     import re

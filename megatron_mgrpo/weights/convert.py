@@ -109,8 +109,13 @@ def inspect_hf(hf_dir: str, tp: int = 1, pp: int = 1):
                                                           pipeline_parallel=pp)), None)
         hf = HFCheckpoint(hf_dir)
     except ConfigError as e:
-        raise ConversionError(str(e).replace("model.load: ", "").replace(
-            "model.hf_config: ", "")) from None
+        # Say it in the tool's terms: --tp/--pp, not the trainer's config fields.
+        message = str(e)
+        for field, flag in (("model.load: ", ""), ("model.hf_config: ", ""),
+                            ("parallel.tensor_parallel", "--tp"),
+                            ("parallel.pipeline_parallel", "--pp"), ("model.num_", "num_")):
+            message = message.replace(field, flag)
+        raise ConversionError(message) from None
     want = hf_shapes(m)
     missing = [n for n in want if n not in hf]
     if missing:
@@ -267,7 +272,8 @@ def export_megatron_to_hf(source: str, out_dir: str, model: str = "policy",
                 t = t.to(dtype)
                 writers[shard_of[hf_name]].write(hf_name, t)
                 progress.add(t.numel() * t.element_size())
-            del full
+            # Both names would keep this tensor alive through the next (maybe largest) read.
+            full = t = None
         for w in writers:
             w.close()
         if len(shards) > 1:

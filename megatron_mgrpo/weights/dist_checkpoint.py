@@ -29,6 +29,10 @@ from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+from torch.distributed.checkpoint.metadata import ChunkStorageMetadata
+from torch.distributed.checkpoint.planner import LoadPlan
+from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
 # Local-spec parameter -> the TE-spec name megatron stores it under.
@@ -168,7 +172,8 @@ def write_dist_checkpoint(out_dir: str, shapes: Dict[str, Tuple[int, ...]], num_
             lead = 0 if c.layer is None else 1
             for d, (o, s) in enumerate(zip(c.offsets[lead:], c.sizes[lead:])):
                 local = local.narrow(d, o, s)
-            out = local.to(dtype).contiguous().clone().reshape(c.sizes)
+            # A fresh tensor: torch.save of a view would write the whole storage.
+            out = torch.empty(local.shape, dtype=dtype).copy_(local).reshape(c.sizes)
             written["bytes"] += out.numel() * out.element_size()
             return out
 
@@ -217,10 +222,6 @@ class DistCheckpointReader:
         """The full tensor `name` in its stored dtype; with `rows`, only its first rows (the
         vocabulary tensors' stored copy may carry TP padding)."""
         import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
-        from torch.distributed.checkpoint.metadata import ChunkStorageMetadata
-        from torch.distributed.checkpoint.planner import LoadPlan
-        from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 
         key, layer = checkpoint_key(name, self.prefix)
         if key not in self.stored:
@@ -234,16 +235,25 @@ class DistCheckpointReader:
         offsets = (0,) * len(inner) if layer is None else (layer,) + (0,) * len(inner)
         sizes = tuple(inner) if layer is None else (1,) + tuple(inner)
         target = torch.empty(sizes, dtype=dtype)
-
-        class SlicePlanner(DefaultLoadPlanner):
-            def create_local_plan(self):
-                chunk = ChunkStorageMetadata(torch.Size(offsets), torch.Size(sizes))
-                return LoadPlan(create_read_items_for_chunk_list(
-                    key, self.metadata.state_dict_metadata[key], [chunk]))
-
-            def lookup_tensor(self, index):
-                return target
-
         with _single_process():
-            dcp.load({}, checkpoint_id=self.ckpt_dir, planner=SlicePlanner(), no_dist=True)
+            dcp.load({}, checkpoint_id=self.ckpt_dir, no_dist=True,
+                     planner=_SlicePlanner(key, offsets, target))
         return target if layer is None else target[0]
+
+
+class _SlicePlanner(DefaultLoadPlanner):
+    """Reads the chunk of `key` at `offsets` into `target`. A module-level class on purpose: one
+    defined inside `read` would sit in a reference cycle with `target`, keeping every tensor read
+    alive until the next GC pass."""
+
+    def __init__(self, key: str, offsets: Tuple[int, ...], target: torch.Tensor):
+        super().__init__()
+        self.key, self.offsets, self.target = key, offsets, target
+
+    def create_local_plan(self):
+        chunk = ChunkStorageMetadata(torch.Size(self.offsets), torch.Size(self.target.shape))
+        return LoadPlan(create_read_items_for_chunk_list(
+            self.key, self.metadata.state_dict_metadata[self.key], [chunk]))
+
+    def lookup_tensor(self, index):
+        return self.target
