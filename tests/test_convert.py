@@ -2,7 +2,8 @@
 
 - HF -> Megatron -> HF is bitwise for tiny random Llama 3 (llama3 RoPE scaling), Qwen2 (QKV
   bias, tied embeddings) and Qwen3 (QK-norm) models saved by transformers in several shards.
-- The converted checkpoint loaded at TP=1, TP=2 and PP=2 gives transformers' logits.
+- The converted checkpoint loaded at TP=1, TP=2 and PP=2 gives transformers' logits (also with
+  one KV head at TP=2).
 - What the converter writes is, chunk for chunk, what megatron-core writes when it saves the
   same model at TP=2.
 - Bad input fails in one line and leaves nothing under the output name.
@@ -20,6 +21,9 @@ from tests.distributed import run_workers
 from tests.test_hf_reference import ARCHS, hf_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# One KV head: at TP=2 each rank holds half of one "q q k v" group (megatron all-gathers it).
+ARCHS = {**ARCHS, "llama_kv1": dict(ARCHS["llama"], num_attention_heads=4,
+                                    num_key_value_heads=1, hidden_size=64)}
 
 
 def hf_to_megatron(*args):
