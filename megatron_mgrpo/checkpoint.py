@@ -10,7 +10,6 @@ only ever names a complete one.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import shutil
 from typing import Any, Dict, Optional
@@ -51,12 +50,6 @@ def _sharded_params(model) -> Dict[str, Any]:
     return out
 
 
-def _momentum_sharded(model, momentum) -> Dict[str, Any]:
-    """The momentum model as sharded tensors: the model's own sharding, EMA data in place."""
-    return {key: dataclasses.replace(sh, key=f"momentum.{sh.key}", data=momentum.tensor_of(p))
-            for key, (sh, p) in _sharded_params(model).items()}
-
-
 def _init_optimizer_state(optimizer) -> None:
     """A fresh distributed optimizer has no Adam state to load into; megatron fills it with
     placeholders (one zero-grad step) before a load, and so do we."""
@@ -84,7 +77,7 @@ def _sharded_state(policy, momentum, is_loading: bool, trainer_state: Dict[str, 
         state["rng"] = ShardedObject("rng_state", {"torch": torch.get_rng_state()},
                                      (dist.get_world_size(),), (dist.get_rank(),), replica_id=0)
     if momentum is not None:
-        state["momentum"] = _momentum_sharded(model, momentum)
+        state["momentum"] = momentum.sharded_state_dict(_sharded_params(model), is_loading)
     return state
 
 
@@ -101,7 +94,8 @@ def save_checkpoint(run_dir: str, step: int, policy, momentum=None,
     dist.barrier()
     state = _sharded_state(policy, momentum, is_loading=False,
                            trainer_state=dict(trainer_state or {}, step=step,
-                                              world_size=dist.get_world_size()))
+                                              world_size=dist.get_world_size(),
+                                              momentum=momentum.state() if momentum else {}))
     dist_checkpointing.save(state, tmp)
     dist.barrier()
     if dist.get_rank() == 0:
@@ -141,8 +135,8 @@ def load_checkpoint(path: str, policy, momentum=None, load_optimizer: bool = Tru
     else:
         policy.optimizer.reload_model_params()
     if momentum is not None:
-        for key, (_, param) in _sharded_params(policy.unwrapped).items():
-            momentum.tensor_of(param).copy_(loaded["momentum"][key])
+        momentum.load_sharded(loaded["momentum"], _sharded_params(policy.unwrapped))
+        momentum.load_state(saved.get("momentum", {}))
     rng = loaded.get("rng")
     if isinstance(rng, dict) and "torch" in rng:
         torch.set_rng_state(rng["torch"])

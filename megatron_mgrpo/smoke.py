@@ -11,6 +11,7 @@ before launching; the full loop with real sampling is `mgrpo train`.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -21,7 +22,7 @@ import torch
 from megatron_mgrpo.algorithm.vote import exact_match
 from megatron_mgrpo.config.schema import Config
 from megatron_mgrpo.models.policy import MegatronPolicy
-from megatron_mgrpo.optim.momentum import MomentumModel
+from megatron_mgrpo.optim.momentum import MomentumSchedule, ShardedMomentum
 from megatron_mgrpo.parallel import init_parallel
 from megatron_mgrpo.update import (make_loss_fn, mode_plan, plan_update, score_groups,
                                    trained_columns)
@@ -76,8 +77,8 @@ def run_smoke(cfg: Config, log=print) -> List[Dict[str, float]]:
     trained = trained_columns(plan, len(batch["answers"]),
                               torch.Generator().manual_seed(cfg.training.seed))
     loss_fn = make_loss_fn(a)
-    params = list(policy.unwrapped.parameters())
-    momentum = MomentumModel(params, a.momentum, a.momentum_update_interval)
+    momentum = (ShardedMomentum(policy, MomentumSchedule.from_config(a))
+                if plan.use_momentum_model else None)
     agree = (scored.rewards.reshape(-1) > 0)
 
     os.makedirs(cfg.training.run_dir, exist_ok=True)
@@ -92,10 +93,10 @@ def run_smoke(cfg: Config, log=print) -> List[Dict[str, float]]:
         update = plan_update(scored, plan, a, entropy, batch["completion_mask"], trained)
         train_batch = {"input_ids": batch["input_ids"], "loss_mask": update.loss_mask,
                        "advantages": update.advantages, "old_logprobs": old_logprobs}
-        result = policy.train_step(policy.dp_shard(train_batch), loss_fn,
-                                   with_entropy=a.entropy_coef > 0)
-        if plan.use_momentum_model:
-            momentum.step(step)
+        with (momentum.fused_into_next_step(step) if momentum is not None
+              else contextlib.nullcontext()):
+            result = policy.train_step(policy.dp_shard(train_batch), loss_fn,
+                                       with_entropy=a.entropy_coef > 0)
         mask = batch["completion_mask"]
         traj_lp = (logprobs * mask).sum(-1) / mask.sum(-1).clamp_min(1)
         metrics = {
@@ -103,8 +104,7 @@ def run_smoke(cfg: Config, log=print) -> List[Dict[str, float]]:
             **update.metrics, **result.metrics,
             "logp_agree": float(traj_lp[agree].mean()) if agree.any() else 0.0,
             "logp_disagree": float(traj_lp[~agree].mean()) if (~agree).any() else 0.0,
-            "momentum_gap": max(float((momentum.tensor_of(p) - p.detach().float()).abs().max())
-                                for p in params),
+            "momentum_gap": momentum.max_gap() if momentum is not None else 0.0,
             "step_time_s": time.time() - t0,
         }
         history.append(metrics)

@@ -16,6 +16,7 @@ rollouts, so every rank builds the same global batch and takes its data-parallel
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import time
@@ -31,7 +32,7 @@ from megatron_mgrpo.eval_metrics import sample_accuracy
 from megatron_mgrpo.models.architecture import complete, hf_config_dict
 from megatron_mgrpo.models.policy import MegatronPolicy
 from megatron_mgrpo.metrics import MetricsLogger, plot_metrics
-from megatron_mgrpo.optim.momentum import MomentumModel
+from megatron_mgrpo.optim.momentum import MomentumSchedule, ShardedMomentum
 from megatron_mgrpo.parallel import ParallelContext, init_parallel
 from megatron_mgrpo.rewards import get_grader
 from megatron_mgrpo.update import (make_loss_fn, mode_plan, plan_update, score_groups,
@@ -120,8 +121,8 @@ class Trainer:
             from megatron_mgrpo.weights.pretrained import load_pretrained
 
             load_pretrained(self.policy, cfg.model.load)
-        self.momentum = (MomentumModel(list(self.policy.unwrapped.parameters()), a.momentum,
-                                       a.momentum_update_interval)
+        # After the load: the EMA starts from the optimizer's main params.
+        self.momentum = (ShardedMomentum(self.policy, MomentumSchedule.from_config(a))
                          if self.plan.use_momentum_model else None)
         self.engine = self._make_engine() if self.is_main else None
         self.loss_fn = make_loss_fn(a)
@@ -188,12 +189,19 @@ class Trainer:
                 "advantages": advantages, "old_logprobs": old}
         g = torch.Generator().manual_seed(self.cfg.training.seed + self.step)
         results = []
+        last = a.ppo_epochs * a.ppo_minibatches
         for _ in range(a.ppo_epochs):
             order = torch.randperm(len(rows), generator=g) if a.ppo_minibatches > 1 else rows
             for part in order.chunk(a.ppo_minibatches):
                 mini = {k: v[part] for k, v in full.items()}
-                results.append(self.policy.train_step(self.policy.dp_shard(mini), self.loss_fn,
-                                                      with_entropy=a.entropy_coef > 0))
+                # The momentum model moves once per training step, inside its last update.
+                ema = (self.momentum.fused_into_next_step(self.step)
+                       if self.momentum is not None and len(results) + 1 == last
+                       else contextlib.nullcontext())
+                with ema:
+                    results.append(self.policy.train_step(self.policy.dp_shard(mini),
+                                                          self.loss_fn,
+                                                          with_entropy=a.entropy_coef > 0))
         last = results[-1]
         out = {"loss": sum(r.loss for r in results) / len(results),
                "grad_norm": max(r.grad_norm for r in results), "lr": last.lr,
@@ -274,8 +282,6 @@ class Trainer:
             plan = plan_update(scored, self.plan, a, entropy, batch.completion_mask, trained)
             metrics = {"step": self.step, **plan.metrics,
                        **self.update(batch, plan.advantages, plan.loss_mask, old_logprobs)}
-            if self.momentum is not None:
-                self.momentum.step(self.step)
             metrics.update(self.push_weights(
                 momentum_too=self.step % cfg.rollout.momentum_push_interval == 0))
             metrics["completion_len"] = float(batch.completion_lengths.mean())

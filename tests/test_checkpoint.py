@@ -14,33 +14,34 @@ def ckpt_worker(run_dir, mode, tp, pp):
     from megatron_mgrpo.checkpoint import latest_step, load_checkpoint, save_checkpoint, step_dir
     from megatron_mgrpo.config import load_config
     from megatron_mgrpo.models.policy import MegatronPolicy
-    from megatron_mgrpo.optim.momentum import MomentumModel
+    from megatron_mgrpo.optim.momentum import MomentumSchedule, ShardedMomentum
     from megatron_mgrpo.parallel import init_parallel
     from megatron_mgrpo.weights.megatron_layout import gather_full_state_dict
+    from megatron_mgrpo.weights.push import momentum_tensor_of
 
     cfg = load_config("examples/tiny/smoke.yaml",
                       ["--parallel.tensor_parallel", str(tp), "--parallel.pipeline_parallel",
                        str(pp), "--parallel.micro_batch_size", "2"])
     ctx = init_parallel(cfg.parallel, seed=3)
     policy = MegatronPolicy(cfg, ctx)
-    momentum = MomentumModel(list(policy.unwrapped.parameters()), 0.9)
+    momentum = ShardedMomentum(policy, MomentumSchedule(0.9))
     local = policy.dp_shard(make_batch(cfg.model.vocab_size))
     out = {}
     if mode == "save":
         for step in (1, 2):
-            policy.train_step(local, pg_loss, with_entropy=True)
-            momentum.step(step)
+            with momentum.fused_into_next_step(step):
+                policy.train_step(local, pg_loss, with_entropy=True)
         save_checkpoint(run_dir, 2, policy, momentum, {"data": {"epoch": 1, "position": 5}})
     else:
         out["trainer"] = load_checkpoint(step_dir(run_dir, latest_step(run_dir)), policy,
                                          momentum)
     # Step 3, identical in both runs if everything that matters was restored.
-    result = policy.train_step(local, pg_loss, with_entropy=True)
-    momentum.step(3)
+    with momentum.fused_into_next_step(3):
+        result = policy.train_step(local, pg_loss, with_entropy=True)
     out.update(loss=result.loss, grad_norm=result.grad_norm,
                weights=policy.full_state_dict(),
                ema=gather_full_state_dict(policy.unwrapped, ctx, cfg.model.vocab_size,
-                                          tensor_of=momentum.tensor_of))
+                                          tensor_of=momentum_tensor_of(momentum)))
     return out
 
 

@@ -188,9 +188,9 @@ def export_worker(run_dir, out_dir, which):
     from megatron_mgrpo.config import load_config
     from megatron_mgrpo.data.tokenizer import load_tokenizer
     from megatron_mgrpo.models.policy import MegatronPolicy
-    from megatron_mgrpo.optim.momentum import MomentumModel
+    from megatron_mgrpo.optim.momentum import MomentumSchedule, ShardedMomentum
     from megatron_mgrpo.parallel import init_parallel
-    from megatron_mgrpo.weights.push import iter_hf_tensors
+    from megatron_mgrpo.weights.push import iter_hf_tensors, momentum_tensor_of
 
     spec = importlib.util.spec_from_file_location(
         "convert", os.path.join(ROOT, "tools/convert_megatron_to_hf.py"))
@@ -201,10 +201,11 @@ def export_worker(run_dir, out_dir, which):
     # The reference: the same checkpoint loaded into a Megatron policy and momentum model.
     cfg = load_config(os.path.join(run_dir, "config.yaml"))
     policy = MegatronPolicy(cfg, init_parallel(cfg.parallel))
-    momentum = MomentumModel(list(policy.unwrapped.parameters()), cfg.algorithm.momentum)
+    momentum = ShardedMomentum(policy, MomentumSchedule.from_config(cfg.algorithm))
     load_checkpoint(step_dir(run_dir, latest_step(run_dir)), policy, momentum,
                     load_optimizer=False)
-    want = dict(iter_hf_tensors(policy, momentum.tensor_of if which == "momentum" else None))
+    want = dict(iter_hf_tensors(policy, momentum_tensor_of(momentum) if which == "momentum"
+                                else None))
     hf = AutoModelForCausalLM.from_pretrained(out_dir, local_files_only=True).eval()
     got = hf.state_dict()
     tok = load_tokenizer(out_dir)  # the tokenizer travelled with the export

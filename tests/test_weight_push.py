@@ -34,12 +34,12 @@ def push_worker(arch, tp, pp, ids):
     from megatron_mgrpo.config.schema import Config, OptimizerConfig, ParallelConfig
     from megatron_mgrpo.models.architecture import hf_config_dict
     from megatron_mgrpo.models.policy import MegatronPolicy
-    from megatron_mgrpo.optim.momentum import MomentumModel
+    from megatron_mgrpo.optim.momentum import MomentumSchedule, ShardedMomentum
     from megatron_mgrpo.parallel import init_parallel
     from megatron_mgrpo.rollout.embedded import EmbeddedEngine
     from megatron_mgrpo.weights.hf_map import hf_to_megatron, megatron_to_hf
     from megatron_mgrpo.weights.megatron_layout import gather_full_state_dict
-    from megatron_mgrpo.weights.push import push_weights
+    from megatron_mgrpo.weights.push import momentum_tensor_of, push_weights
 
     kw = ARCHS[arch]
     m = ModelConfig(**kw)
@@ -50,11 +50,11 @@ def push_worker(arch, tp, pp, ids):
     policy = MegatronPolicy(cfg, ctx)
     init = hf_model(kw).state_dict()
     policy.load_full_state_dict(dict(hf_to_megatron(init, m)))
-    momentum = MomentumModel(list(policy.unwrapped.parameters()), momentum=0.5)
+    momentum = ShardedMomentum(policy, MomentumSchedule(momentum=0.5))
     batch = {"input_ids": ids, "loss_mask": torch.ones_like(ids)}
     for step in (1, 2):
-        policy.train_step(policy.dp_shard(batch), _loss)
-        momentum.step(step)
+        with momentum.fused_into_next_step(step):
+            policy.train_step(policy.dp_shard(batch), _loss)
 
     main = ctx.rank == 0
     engine = EmbeddedEngine(hf_config_dict(m)) if main else None
@@ -65,7 +65,8 @@ def push_worker(arch, tp, pp, ids):
     lp, _ = policy.logprobs(batch)
     want_policy = dict(megatron_to_hf(policy.full_state_dict(), m))
     want_ema = dict(megatron_to_hf(
-        gather_full_state_dict(policy.unwrapped, ctx, m.vocab_size, momentum.tensor_of), m))
+        gather_full_state_dict(policy.unwrapped, ctx, m.vocab_size,
+                               momentum_tensor_of(momentum)), m))
     if main:
         out.update(
             megatron_logprobs=lp,

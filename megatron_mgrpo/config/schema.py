@@ -162,7 +162,15 @@ class AlgorithmConfig:
     """m in Eq. 1: theta_k <- m * theta_k + (1 - m) * theta_q. In [0, 1)."""
 
     momentum_update_interval: int = 1
-    """Update the EMA every this many optimizer steps."""
+    """Update the EMA every this many training steps (fused into the step's last optimizer
+    update; with several PPO minibatches per step the EMA still moves once)."""
+
+    momentum_warmup_updates: int = 0
+    """Over the first this many EMA updates m rises linearly from `momentum_warmup_start` to
+    `momentum` (0: m is constant)."""
+
+    momentum_warmup_start: float = 0.0
+    """m of the first EMA update while warming up. In [0, 1)."""
 
     min_agreement: float = 0.0
     """Prompts whose majority share is below this get no learning signal. In [0, 1]."""
@@ -463,6 +471,10 @@ def _validate(cfg: Config, world_size: Optional[int]) -> None:
     if not 0 <= a.momentum < 1:
         _fail("algorithm.momentum", a.momentum, "a number in [0, 1)")
     _positive("algorithm.momentum_update_interval", a.momentum_update_interval)
+    if a.momentum_warmup_updates < 0:
+        _fail("algorithm.momentum_warmup_updates", a.momentum_warmup_updates, "an integer >= 0")
+    if not 0 <= a.momentum_warmup_start < 1:
+        _fail("algorithm.momentum_warmup_start", a.momentum_warmup_start, "a number in [0, 1)")
     if not 0 <= a.min_agreement <= 1:
         _fail("algorithm.min_agreement", a.min_agreement, "a number in [0, 1]")
     if a.iqr_k < 0:

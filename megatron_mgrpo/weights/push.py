@@ -56,7 +56,7 @@ def iter_hf_tensors(policy, tensor_of: Optional[Callable] = None,
     """(HF name, full tensor) for this pipeline stage's parameters, TP-gathered.
 
     Collective over the TP group (every TP rank iterates in step). `tensor_of(param)` picks
-    what is gathered (default the weights; `momentum.tensor_of` for the EMA); `dtype` casts.
+    what is gathered (default the weights; `momentum_tensor_of` for the EMA); `dtype` casts.
     The tensors may be views of live parameters: consume them before the next optimizer step.
     """
     ctx, cfg = policy.ctx, policy.model_cfg
@@ -64,6 +64,12 @@ def iter_hf_tensors(policy, tensor_of: Optional[Callable] = None,
                                         cfg.vocab_size, tensor_of or (lambda p: p.data)):
         for hf_name, t in megatron_to_hf_tensors(name, full, cfg):
             yield hf_name, (t if dtype is None else t.to(dtype))
+
+
+def momentum_tensor_of(momentum, dtype: Optional[torch.dtype] = None) -> Callable:
+    """`tensor_of` for the momentum model: each parameter's EMA, gathered over DP ranks when it
+    is sharded, cast before the gather (bf16 halves the traffic)."""
+    return lambda p: momentum.full_tensor(p, dtype or torch.float32)
 
 
 def bucketize(named_tensors: Iterable[Tuple[str, torch.Tensor]], bucket_bytes: int
@@ -89,18 +95,18 @@ def push_weights(engine, policy, model: str = "policy", version: int = 0,
                  bucket_bytes: int = DEFAULT_BUCKET_BYTES, momentum=None,
                  dtype: Optional[torch.dtype] = None) -> PushStats:
     """Push the policy's weights (model="policy") or the momentum EMA (model="momentum",
-    with `momentum` a MomentumModel) into weight set `model` of `engine`, stamped `version`.
+    with `momentum` a ShardedMomentum) into weight set `model` of `engine`, stamped `version`.
 
     Collective: every rank calls it; `engine` is the engine on global rank 0 and None
     elsewhere. `dtype` casts before transfer (e.g. the engine's dtype, to halve PP traffic).
     """
     check_weight_set(model)
     if model == "momentum" and momentum is None:
-        raise ValueError("push_weights(model='momentum') needs the MomentumModel (momentum=...)")
+        raise ValueError("push_weights(model='momentum') needs the momentum model (momentum=...)")
     ctx = policy.ctx
     if ctx.rank == 0 and engine is None:
         raise ValueError("push_weights: global rank 0 holds the engine and must pass it")
-    tensor_of = momentum.tensor_of if model == "momentum" else None
+    tensor_of = momentum_tensor_of(momentum, dtype) if model == "momentum" else None
     t0 = time.perf_counter()
     stats = PushStats()
     error: Optional[BaseException] = None
@@ -122,6 +128,9 @@ def push_weights(engine, policy, model: str = "policy", version: int = 0,
         else:
             for _ in local:  # TP peers: take part in the gathers
                 pass
+    elif tensor_of is not None and momentum.collective:
+        for _ in iter_hf_tensors(policy, tensor_of, dtype):  # the EMA's DP gathers need us too
+            pass
 
     if ctx.world_size > 1:  # every rank learns whether the engine took the update
         status = [None if error is None else f"{type(error).__name__}: {error}"]
