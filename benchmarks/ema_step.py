@@ -16,6 +16,10 @@ Counting tensor traffic, Adam reads grad, param, exp_avg, exp_avg_sq and writes 
 (7 passes); the fused EMA adds a read and a write of the EMA (9/7 = 1.29); a separate pass also
 re-reads the param (10/7 = 1.43).
 
+On a GPU (when one is present) the Triton kernel: fused / Adam alone (the same kernel with
+the EMA off), and its achieved bandwidth (9 fp32 transfers per element) against a
+device-to-device copy's.
+
 Memory: the tiny smoke model under the distributed optimizer at DP=1 and DP=2 (gloo, spawned
 processes): EMA bytes on each rank per model parameter, against the goal 4 / DP.
 """
@@ -81,6 +85,42 @@ def step_times(numel: int, repeats: int) -> dict:
     return best
 
 
+def gpu_figures(numel: int, repeats: int) -> list:
+    """The Triton kernel on the lent GPU: its ratio to Adam alone (the same kernel without the
+    EMA) and its achieved bandwidth against a device-to-device copy's."""
+    from megatron_mgrpo.optim.triton_adam_ema import adam_ema_triton_
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    ts = [torch.randn(numel, device="cuda", generator=g) for _ in range(5)]
+    ts[3].abs_()
+    kw = dict(step=3.0, lr=1e-4, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1)
+
+    def timed(fn) -> float:
+        fn()
+        torch.cuda.synchronize()
+        best = float("inf")
+        for _ in range(repeats):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            best = min(best, start.elapsed_time(end) / 1e3)
+        return best
+
+    p, gr, m, v, e = ([t] for t in ts)
+    adam = timed(lambda: adam_ema_triton_(p, gr, m, v, None, momentum=None, **kw))
+    fused = timed(lambda: adam_ema_triton_(p, gr, m, v, e, momentum=0.99, **kw))
+    dst = torch.empty_like(ts[0])
+    copy = timed(lambda: dst.copy_(ts[0]))
+    copy_bw = 2 * 4 * numel / copy
+    fused_bw = 9 * 4 * numel / fused
+    return [("ema_step.gpu_fused_over_adam", fused / adam, "ratio", "<= 1.3"),
+            ("ema_step.gpu_fused_bandwidth", fused_bw / 1e9, "GB/s", None),
+            ("ema_step.gpu_copy_bandwidth", copy_bw / 1e9, "GB/s", None),
+            ("ema_step.gpu_fused_bandwidth_over_copy", fused_bw / copy_bw, "ratio", None)]
+
+
 def _memory_rank(rank: int, world: int, port: int, out_dir: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
@@ -122,6 +162,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--numel", type=int, default=1 << 24)
     p.add_argument("--repeats", type=int, default=15)
+    p.add_argument("--gpu-numel", type=int, default=1 << 28, help="shard size on a GPU")
     args = p.parse_args()
 
     t = step_times(args.numel, args.repeats)
@@ -136,6 +177,8 @@ def main() -> None:
         ("ema_step.fused_over_torch_adamw", t["adam_fused_ema"] / t["torch_adamw"], "ratio",
          None),
     ]
+    if torch.cuda.is_available():
+        figures += gpu_figures(args.gpu_numel, args.repeats)
     for world in (1, 2):
         figures.append((f"ema_step.ema_bytes_per_param_dp{world}", ema_bytes_per_param(world),
                         "bytes/param", f"== {4 / world:g} (4 / DP)"))

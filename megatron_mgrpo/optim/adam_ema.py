@@ -10,9 +10,10 @@ when `ema_momentum` is set for a step, that step also does, right after the para
 The parameters here are the optimizer's *main* params: with megatron's distributed optimizer,
 this rank's fp32 shard of each parameter, so the EMA is sharded exactly like the Adam moments.
 
-CPU path (and the reference): `torch._foreach_*` kernels applied tile by tile, each tile a
-few hundred KiB of every tensor, so the EMA's read of the freshly updated parameter comes from
-cache instead of memory. Elementwise it runs the same operations in the same order as torch's
+GPU path: one Triton kernel per tensor (`triton_adam_ema`). CPU path (and the reference):
+`torch._foreach_*` kernels applied tile by tile, each tile a few hundred KiB of every tensor,
+so temporaries stay small and the EMA reads each freshly updated tile while it is in cache (on
+the 2-core CI machine that measures no faster than a separate EMA pass: benchmarks/README.md). Elementwise it runs the same operations in the same order as torch's
 AdamW and as `algorithm.ema_update_`, so its results equal theirs bit for bit.
 """
 
@@ -23,6 +24,8 @@ from typing import Dict, Iterable, List, Optional, Tuple
 import torch
 
 from megatron_mgrpo.algorithm import check_momentum
+from megatron_mgrpo.optim.triton_adam_ema import adam_ema_triton_
+from megatron_mgrpo.optim.triton_adam_ema import available as triton_available
 
 TILE = 1 << 15
 """Elements per tile and tensor: 128 KiB of fp32 each, five tensors in flight (L2-sized)."""
@@ -32,13 +35,19 @@ class AdamEMA(torch.optim.Optimizer):
     """torch.optim.AdamW (decoupled weight decay, no amsgrad) plus an optional fused EMA."""
 
     def __init__(self, params: Iterable, lr: float = 1e-3, betas: Tuple[float, float] = (0.9, 0.999),
-                 eps: float = 1e-8, weight_decay: float = 1e-2, tile: int = TILE):
+                 eps: float = 1e-8, weight_decay: float = 1e-2, tile: int = TILE,
+                 backend: str = "auto"):
         if lr < 0 or eps < 0 or weight_decay < 0 or not all(0 <= b < 1 for b in betas):
             raise ValueError(f"AdamEMA: invalid lr={lr}, betas={betas}, eps={eps}, "
                              f"weight_decay={weight_decay}")
         super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps,
                                       weight_decay=weight_decay))
         self.tile = tile
+        if backend not in ("auto", "foreach", "triton"):
+            raise ValueError(f"AdamEMA backend: got {backend!r}; accepted: auto | foreach | triton")
+        self.backend = backend
+        """`triton`: the fused kernel (GPU, or Triton's interpreter); `foreach`: the tiled
+        multi-tensor path; `auto`: Triton for fp32 CUDA tensors when it is installed."""
         self.ema: Dict[torch.Tensor, torch.Tensor] = {}
         self.ema_momentum: Optional[float] = None
         """Set for one step to fold the updated params into their EMA; cleared by `step`."""
@@ -95,16 +104,28 @@ class AdamEMA(torch.optim.Optimizer):
             with_ema = m is not None and all(p in self.ema for p in params)
             if m is not None and not with_ema and any(p in self.ema for p in params):
                 raise RuntimeError("AdamEMA: some params of a group have an EMA and some not")
-            adam_ema_foreach_(
-                params, [p.grad for p in params],
-                [self.state[p]["exp_avg"] for p in params],
-                [self.state[p]["exp_avg_sq"] for p in params],
-                [self.ema[p] for p in params] if with_ema else None,
-                step=t, lr=group["lr"], beta1=group["betas"][0], beta2=group["betas"][1],
-                eps=group["eps"], weight_decay=group["weight_decay"],
-                momentum=m if with_ema else None, tile=self.tile)
+            args = (params, [p.grad for p in params],
+                    [self.state[p]["exp_avg"] for p in params],
+                    [self.state[p]["exp_avg_sq"] for p in params],
+                    [self.ema[p] for p in params] if with_ema else None)
+            hyper = dict(step=t, lr=group["lr"], beta1=group["betas"][0],
+                         beta2=group["betas"][1], eps=group["eps"],
+                         weight_decay=group["weight_decay"], momentum=m if with_ema else None)
+            if _use_triton_for(self.backend, params):
+                adam_ema_triton_(*args, **hyper)
+            else:
+                adam_ema_foreach_(*args, **hyper, tile=self.tile)
         self.ema_updated = m is not None
         return loss
+
+
+def _use_triton_for(backend: str, params: List[torch.Tensor]) -> bool:
+    if backend == "foreach":
+        return False
+    if backend == "triton":
+        return True
+    return (triton_available(params[0]) and params[0].is_cuda
+            and all(p.dtype == torch.float32 and p.is_contiguous() for p in params))
 
 
 def _tiles(tensors: List[torch.Tensor], tile: int) -> List[Tuple[int, int, int]]:
