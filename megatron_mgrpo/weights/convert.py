@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import shutil
 import time
@@ -160,7 +161,7 @@ def convert_hf_to_megatron(hf_dir: str, out_dir: str, tp: int = 1, pp: int = 1,
     t0 = time.time()
     m, hf = inspect_hf(hf_dir, tp, pp)
     shapes = megatron_shapes(m)
-    total = sum(_numel(s) for s in shapes.values()) * dtype.itemsize
+    total = sum(math.prod(s) for s in shapes.values()) * dtype.itemsize
     progress = Progress(total, "hf->megatron", log)
 
     def load(name: str) -> torch.Tensor:
@@ -246,7 +247,8 @@ def export_megatron_to_hf(source: str, out_dir: str, model: str = "policy",
     from megatron_mgrpo.models.architecture import hf_config_dict, read_hf_config
     from megatron_mgrpo.weights.dist_checkpoint import DistCheckpointReader
     from megatron_mgrpo.weights.hf_map import hf_shapes, megatron_shapes, megatron_to_hf_tensors
-    from megatron_mgrpo.weights.safetensors_io import StreamingWriter, plan_shards
+    from megatron_mgrpo.weights.push import bucketize
+    from megatron_mgrpo.weights.safetensors_io import StreamingWriter, nbytes
 
     t0 = time.time()
     ckpt, prefix, m, source_dir, what = open_megatron(source, model)
@@ -257,11 +259,13 @@ def export_megatron_to_hf(source: str, out_dir: str, model: str = "policy",
         raise ConversionError(f"{ckpt}: no tensor for {absent[0]} "
                               f"({'momentum model' if prefix else 'policy'})")
     layout = [(n, s, dtype) for n, s in hf_shapes(m).items()]
-    shards = plan_shards(layout, shard_bytes)
+    if shard_bytes < 1:
+        raise ConversionError(f"shard size: got {shard_bytes} bytes; accepted: > 0")
+    shards = list(bucketize(layout, shard_bytes, nbytes=lambda e: nbytes(e[1], e[2])))
     names = ([f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
              if len(shards) > 1 else ["model.safetensors"])
     shard_of = {n: i for i, shard in enumerate(shards) for n, _, _ in shard}
-    total = sum(_numel(s) for _, s, _ in layout) * dtype.itemsize
+    total = sum(math.prod(s) for _, s, _ in layout) * dtype.itemsize
     progress = Progress(total, "megatron->hf", log)
     with staged_dir(out_dir, overwrite) as tmp:
         writers = [StreamingWriter(os.path.join(tmp, f), shard) for f, shard in zip(names, shards)]
@@ -291,13 +295,6 @@ def export_megatron_to_hf(source: str, out_dir: str, model: str = "policy",
         copy_tokenizer(source_dir, tmp)
     return {"source": what, "tensors": len(layout), "bytes": total, "shards": len(shards),
             "seconds": round(time.time() - t0, 3)}
-
-
-def _numel(shape) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
 
 
 def _read_json(path: str) -> Dict:

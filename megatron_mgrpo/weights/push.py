@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Callable, Iterable, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Iterable, Iterator, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -72,21 +72,25 @@ def momentum_tensor_of(momentum, dtype: Optional[torch.dtype] = None) -> Callabl
     return lambda p: momentum.full_tensor(p, dtype or torch.float32)
 
 
-def bucketize(named_tensors: Iterable[Tuple[str, torch.Tensor]], bucket_bytes: int
-              ) -> Iterator[Bucket]:
-    """Group (name, tensor) pairs, in order, into buckets of at most `bucket_bytes` bytes; a
-    tensor larger than that goes alone."""
+def _tensor_bytes(item: Tuple[str, torch.Tensor]) -> int:
+    return item[1].numel() * item[1].element_size()
+
+
+def bucketize(items: Iterable, bucket_bytes: int, nbytes: Callable[[Any], int] = _tensor_bytes
+              ) -> Iterator[list]:
+    """Group items (by default (name, tensor) pairs; `nbytes` sizes any other kind), in order,
+    into buckets of at most `bucket_bytes` bytes; an item larger than that goes alone."""
     if bucket_bytes < 1:
         raise ValueError(f"bucket_bytes: got {bucket_bytes}; accepted: an integer >= 1")
-    bucket: Bucket = []
+    bucket: list = []
     size = 0
-    for name, t in named_tensors:
-        nbytes = t.numel() * t.element_size()
-        if bucket and size + nbytes > bucket_bytes:
+    for item in items:
+        n = nbytes(item)
+        if bucket and size + n > bucket_bytes:
             yield bucket
             bucket, size = [], 0
-        bucket.append((name, t))
-        size += nbytes
+        bucket.append(item)
+        size += n
     if bucket:
         yield bucket
 

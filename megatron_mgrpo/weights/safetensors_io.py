@@ -11,9 +11,10 @@ JSON header {name: {dtype, shape, data_offsets}} padded to 8 bytes, then the dat
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -61,11 +62,8 @@ def read_tensor(f, entry: dict, data_start: int) -> torch.Tensor:
     return buf.view(DTYPES[entry["dtype"]]).reshape(entry["shape"])
 
 
-def _nbytes(shape: Sequence[int], dtype: torch.dtype) -> int:
-    n = torch.empty((), dtype=dtype).element_size()
-    for s in shape:
-        n *= s
-    return n
+def nbytes(shape: Sequence[int], dtype: torch.dtype) -> int:
+    return math.prod(shape) * dtype.itemsize
 
 
 class StreamingWriter:
@@ -83,7 +81,7 @@ class StreamingWriter:
         header: Dict[str, object] = {"__metadata__": dict(metadata or {"format": "pt"})}
         offset = 0
         for name, shape, dtype in self._order:
-            size = _nbytes(shape, dtype)
+            size = nbytes(shape, dtype)
             header[name] = {"dtype": CODES[dtype], "shape": list(shape),
                             "data_offsets": [offset, offset + size]}
             offset += size
@@ -108,19 +106,3 @@ class StreamingWriter:
         if self._next != len(self._order):
             raise ValueError(f"{self.path}: {len(self._order) - self._next} declared tensors "
                              "were never written")
-
-
-def plan_shards(layout: Iterable[Tuple[str, Sequence[int], torch.dtype]], shard_bytes: int
-                ) -> List[List[Tuple[str, Tuple[int, ...], torch.dtype]]]:
-    """Split an ordered layout into consecutive shards of at most `shard_bytes` (a tensor larger
-    than that gets a shard of its own)."""
-    shards: List[List[Tuple[str, Tuple[int, ...], torch.dtype]]] = [[]]
-    size = 0
-    for name, shape, dtype in layout:
-        n = _nbytes(shape, dtype)
-        if shards[-1] and size + n > shard_bytes:
-            shards.append([])
-            size = 0
-        shards[-1].append((name, tuple(shape), dtype))
-        size += n
-    return [s for s in shards if s]
