@@ -13,8 +13,9 @@ this rank's fp32 shard of each parameter, so the EMA is sharded exactly like the
 GPU path: one Triton kernel per tensor (`triton_adam_ema`). CPU path (and the reference):
 `torch._foreach_*` kernels applied tile by tile, each tile a few hundred KiB of every tensor,
 so temporaries stay small and the EMA reads each freshly updated tile while it is in cache (on
-the 2-core CI machine that measures no faster than a separate EMA pass: benchmarks/README.md). Elementwise it runs the same operations in the same order as torch's
-AdamW and as `algorithm.ema_update_`, so its results equal theirs bit for bit.
+the 2-core CI machine that measures no faster than a separate EMA pass: benchmarks/README.md).
+Elementwise it runs the same operations in the same order as torch's AdamW and as
+`algorithm.ema_update_`, so its results equal theirs bit for bit.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import torch
 
 from megatron_mgrpo.algorithm import check_momentum
 from megatron_mgrpo.optim.triton_adam_ema import adam_ema_triton_
-from megatron_mgrpo.optim.triton_adam_ema import available as triton_available
+from megatron_mgrpo.optim.triton_adam_ema import HAVE_TRITON
 
 TILE = 1 << 15
 """Elements per tile and tensor: 128 KiB of fp32 each, five tensors in flight (L2-sized)."""
@@ -124,7 +125,7 @@ def _use_triton_for(backend: str, params: List[torch.Tensor]) -> bool:
         return False
     if backend == "triton":
         return True
-    return (triton_available(params[0]) and params[0].is_cuda
+    return (HAVE_TRITON and params[0].is_cuda
             and all(p.dtype == torch.float32 and p.is_contiguous() for p in params))
 
 

@@ -6,14 +6,11 @@ exp_avg_sq and ema once: 9 fp32 transfers against Adam's 7 (the bound behind the
 round-to-nearest sqrt and division; results agree with the foreach path to fp32 rounding (FMA
 contraction), not bit for bit.
 
-Tested on CPU under Triton's interpreter (TRITON_INTERPRET=1, tests/test_sharded_ema.py);
-`available()` says whether this process can launch it (Triton importable, and CUDA tensors or
-the interpreter).
+Tested on CPU under Triton's interpreter (TRITON_INTERPRET=1, tests/test_sharded_ema.py).
 """
 
 from __future__ import annotations
 
-import os
 from typing import List, Optional
 
 import torch
@@ -27,15 +24,6 @@ except ImportError:  # CPU installs: the foreach path serves
     HAVE_TRITON = False
 
 BLOCK = 1024
-
-
-def interpreted() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
-
-def available(t: torch.Tensor) -> bool:
-    """Whether the kernel can run on tensors like `t` in this process."""
-    return HAVE_TRITON and (t.is_cuda or interpreted())
 
 
 if HAVE_TRITON:
