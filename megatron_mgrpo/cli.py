@@ -3,6 +3,7 @@
     mgrpo train CONFIG [--resume] [--section.key value ...]   the M-GRPO loop
     mgrpo eval CONFIG [--checkpoint DIR] [--section.key value ...]  validation accuracy
     mgrpo smoke CONFIG [--section.key value ...]   update steps on a fixed synthetic batch
+    mgrpo serve --model HF_DIR [--host H] [--port P]  an SGLang-protocol rollout server (CPU)
     mgrpo config CONFIG [--section.key value ...]  print the resolved config (YAML)
     mgrpo config --help-fields                     every config field with its docstring
 
@@ -59,12 +60,34 @@ def main(argv: Optional[List[str]] = None) -> int:
                          "none there: the model.load weights)")
     smoke = sub.add_parser("smoke", help="M-GRPO update steps on a fixed synthetic batch")
     smoke.add_argument("config", help="YAML config file")
+    srv = sub.add_parser("serve", help="an SGLang-protocol rollout server on the embedded "
+                                       "engine (CPU, laptops, tests)")
+    srv.add_argument("--model", required=True, help="HF model directory (local files only)")
+    srv.add_argument("--host", default="127.0.0.1",
+                     help="address to listen on (default loopback; 0.0.0.0 exposes it)")
+    srv.add_argument("--port", type=int, default=30000)
+    srv.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    srv.add_argument("--weight-version", default="default",
+                     help="the version reported until the first weight update")
     show = sub.add_parser("config", help="print the resolved config")
     show.add_argument("config", nargs="?", help="YAML config file")
     show.add_argument("--help-fields", action="store_true",
                       help="list every field with its documentation")
     args, overrides = parser.parse_known_args(argv)
 
+    if args.command == "serve":
+        if overrides:
+            parser.error(f"unrecognized arguments: {' '.join(overrides)}")
+        import os
+
+        from megatron_mgrpo.rollout.server import serve
+
+        if not os.path.isfile(os.path.join(args.model, "config.json")):
+            print(f"mgrpo serve: {args.model} is not an HF model directory (no config.json)",
+                  file=sys.stderr)
+            return 2
+        serve(args.model, args.host, args.port, args.dtype, args.weight_version)
+        return 0
     try:
         if args.command == "config":
             if args.help_fields:

@@ -135,10 +135,15 @@ class Trainer:
             self.log.write(line)
 
     def _make_engine(self):
+        if self.cfg.rollout.backend == "sglang":
+            from megatron_mgrpo.rollout.sglang_engine import make_sglang_engine
+
+            return make_sglang_engine(self.cfg.sglang, self.cfg.model.load,
+                                      self.cfg.rollout.weight_bucket_mb * 2 ** 20,
+                                      self.cfg.training.run_dir,
+                                      hf_config_dict(complete(self.cfg.model)), log=self._say)
         from megatron_mgrpo.rollout.embedded import EmbeddedEngine
 
-        if self.cfg.rollout.backend != "embedded":
-            raise NotImplementedError("rollout.backend: only 'embedded' is available so far")
         return EmbeddedEngine(hf_config_dict(complete(self.cfg.model)))
 
     def _sampling(self, seed: int, n_tokens: Optional[int] = None, temperature=None):
@@ -166,12 +171,16 @@ class Trainer:
         groups = None
         if self.is_main:
             seed = self.cfg.training.seed * 1_000_003 + self.step
-            groups = self.engine.generate(prompt_ids, self.plan.num_policy,
-                                          self._sampling(seed), model="policy")
-            if self.plan.num_momentum:
-                extra = self.engine.generate(prompt_ids, self.plan.num_momentum,
-                                             self._sampling(seed + 500_009), model="momentum")
-                groups = [a + b for a, b in zip(groups, extra)]
+            plan = {"policy": (self.plan.num_policy, seed),
+                    "momentum": (self.plan.num_momentum, seed + 500_009)}
+            made = {}
+            # With one group of servers for both sets, the set it holds goes first (no swap).
+            for model in self.engine.generation_order([m for m in plan if plan[m][0]]):
+                n, s = plan[model]
+                made[model] = self.engine.generate(prompt_ids, n, self._sampling(s), model=model)
+            groups = made["policy"]
+            if "momentum" in made:
+                groups = [a + b for a, b in zip(groups, made["momentum"])]
         groups = _broadcast(groups, self.ctx)
         return build_batch(prompt_ids, groups, self.grader.extract, self.tokenizer.decode,
                            self.tokenizer.pad_id)
@@ -309,7 +318,12 @@ def _fmt(m: Dict[str, float]) -> str:
 
 
 def train(cfg: Config) -> List[Dict[str, float]]:
-    return Trainer(cfg).run()
+    trainer = Trainer(cfg)
+    try:
+        return trainer.run()
+    finally:
+        if trainer.engine is not None:  # launched rollout servers stop with the run
+            trainer.engine.close()
 
 
 def evaluate_checkpoint(cfg: Config, checkpoint: Optional[str] = None) -> Dict[str, float]:
@@ -322,8 +336,12 @@ def evaluate_checkpoint(cfg: Config, checkpoint: Optional[str] = None) -> Dict[s
         state = load_checkpoint(checkpoint, trainer.policy, trainer.momentum,
                                 load_optimizer=False)
         trainer.step = int(state["step"])
-    trainer.push_weights(momentum_too=False)
-    result = trainer.evaluate()
+    try:
+        trainer.push_weights(momentum_too=False)
+        result = trainer.evaluate()
+    finally:
+        if trainer.engine is not None:
+            trainer.engine.close()
     if trainer.is_main:
         source = checkpoint or cfg.model.load or "random init"
         print(f"{source}: val_accuracy (pass@1, k={cfg.training.eval_samples}) "

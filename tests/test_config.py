@@ -260,8 +260,8 @@ def test_section_given_a_scalar(tmp_path):
 def test_yaml_that_is_not_a_mapping(tmp_path):
     path = write(tmp_path, "- model\n- parallel\n")
     assert error_of(path) == (f"config file {path}: the top level must be a mapping of sections "
-                              "(model, parallel, rollout, algorithm, optimizer, data, training, "
-                              "logging); got a list")
+                              "(model, parallel, rollout, sglang, algorithm, optimizer, data, "
+                              "training, logging); got a list")
 
 
 def test_missing_file(tmp_path):

@@ -121,6 +121,31 @@ def test_two_process_layouts_run_the_same_loop(tiny_base, uninterrupted, tmp_pat
         assert first["entropy_mean"] == pytest.approx(full[1]["entropy_mean"], rel=1e-4)
 
 
+def test_the_sglang_backend_runs_the_same_loop(tiny_base, uninterrupted, tmp_path):
+    """The same run with its rollouts from a launched `mgrpo serve` process over HTTP (swap
+    placement: one server loads the policy and the momentum model in turn; disk transport):
+    the same completions, so the same votes, rewards and losses, step after step."""
+    import sys
+
+    _, (full, _) = uninterrupted
+    serve = f"{sys.executable} -m megatron_mgrpo.cli serve --model {{model}} --port {{port}}"
+    (history, versions), = run_workers(train_worker, 1, overrides(
+        tiny_base, str(tmp_path), 4, "--rollout.backend", "sglang", "--sglang.launch", "1",
+        "--sglang.launch_command", serve))
+    assert versions == (4, 4)
+    # The server ran and read what was pushed: its log, and one version per set on disk.
+    assert os.listdir(tmp_path / "server_logs")
+    assert sorted(os.listdir(tmp_path / "pushed_weights" / "momentum")) == ["v4"]
+    assert [m["step"] for m in history] == [m["step"] for m in full]
+    for got, want in zip(history, full):
+        for k in ("reward_mean", "vote_agreement", "pseudo_label_acc", "iqr_dropped_frac",
+                  "completion_len", "val_accuracy", "val_maj"):
+            assert got.get(k) == want.get(k), (got["step"], k)
+        for k in ("loss", "entropy_mean", "val_token_logprob"):
+            if k in want:
+                assert got[k] == pytest.approx(want[k], abs=1e-4), (got["step"], k)
+
+
 @pytest.mark.parametrize("mode", [
     ["--algorithm.mode", "srt", "--rollout.num_momentum_rollouts", "0"],
     ["--algorithm.mode", "ttrl", "--rollout.num_momentum_rollouts", "0",

@@ -8,7 +8,7 @@ surfaces as a trace from deep inside megatron-core.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, Literal, Optional
+from typing import Any, Dict, List, Literal, Optional
 
 
 class ConfigError(ValueError):
@@ -145,6 +145,66 @@ class RolloutConfig:
 
     momentum_push_interval: int = 1
     """Push momentum weights to the engine every this many steps (it moves slowly)."""
+
+
+@dataclass
+class SGLangConfig:
+    """The SGLang rollout backend (rollout.backend: sglang): servers, placement, transport."""
+
+    urls: List[str] = field(default_factory=list)
+    """Running servers to attach to: all of them in the swap placement, the policy's group in
+    the separate placement. Empty: launch `launch` servers per group instead."""
+
+    momentum_urls: List[str] = field(default_factory=list)
+    """Separate placement, attached: the momentum model's servers."""
+
+    launch: int = 0
+    """Servers to start per group (0: attach to `urls`). Each runs `launch_command`."""
+
+    launch_command: str = ("{python} -m sglang.launch_server --model-path {model} "
+                           "--host {host} --port {port} --skip-tokenizer-init")
+    """Command of one server, with {python}, {model}, {host} and {port} filled in. On CPU:
+    `{python} -m megatron_mgrpo.cli serve --model {model} --host {host} --port {port}`."""
+
+    host: str = "127.0.0.1"
+    """Address launched servers listen on."""
+
+    base_port: int = 0
+    """First port of launched servers (consecutive after it); 0: any free ports."""
+
+    placement: Literal["swap", "separate"] = "swap"
+    """`swap`: one group of servers loads the momentum and the policy weights in turn.
+    `separate`: a group per weight set (twice the servers, no swaps)."""
+
+    transport: Literal["tensor", "distributed", "disk"] = "disk"
+    """How weights reach the servers: `tensor` (colocated: CUDA IPC / shared memory),
+    `distributed` (an NCCL broadcast group with the servers), `disk` (safetensors files in
+    `disk_dir`, which the servers must see)."""
+
+    disk_dir: str = ""
+    """Directory of the disk transport's files (empty: <training.run_dir>/pushed_weights)."""
+
+    dist_backend: Literal["auto", "nccl", "gloo"] = "auto"
+    """Backend of the distributed transport's group: auto is nccl with a GPU, gloo without."""
+
+    dist_master_address: str = "127.0.0.1"
+    """Address of this process as the servers reach it (the distributed transport's rank 0)."""
+
+    host_copy: bool = True
+    """Keep each set's last update in host memory so that a restarted server gets it at once
+    (always on in the swap placement, which needs it; costs the model's size per set)."""
+
+    request_timeout_s: float = 600.0
+    """A server that does not answer a request within this is taken as dead or hung."""
+
+    launch_timeout_s: float = 900.0
+    """Longest wait for a launched server to answer /health."""
+
+    max_retries: int = 2
+    """Times one request (or one weight push) is retried on another or a restarted server."""
+
+    max_prompts_per_request: int = 64
+    """Completions per /generate request (smaller: finer load balance and cheaper retries)."""
 
 
 @dataclass
@@ -335,6 +395,9 @@ class Config:
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     """Sampling from the policy and the momentum model."""
 
+    sglang: SGLangConfig = field(default_factory=SGLangConfig)
+    """SGLang rollout servers (used when rollout.backend is sglang)."""
+
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
     """The method (mode, vote, filter, loss, EMA)."""
 
@@ -511,6 +574,41 @@ def _validate(cfg: Config, world_size: Optional[int]) -> None:
     _positive("training.steps", t.steps)
     _positive("training.eval_samples", t.eval_samples)
     _positive("rollout.weight_bucket_mb", r.weight_bucket_mb)
+    if r.backend == "sglang":
+        _validate_sglang(cfg.sglang)
     for name in ("save_interval", "eval_interval"):
         if getattr(t, name) < 0:
             _fail(f"training.{name}", getattr(t, name), "an integer >= 0")
+
+
+def _validate_sglang(g: SGLangConfig) -> None:
+    _one_of("sglang.placement", g.placement, ("swap", "separate"))
+    _one_of("sglang.transport", g.transport, ("tensor", "distributed", "disk"))
+    _one_of("sglang.dist_backend", g.dist_backend, ("auto", "nccl", "gloo"))
+    if g.launch < 0:
+        _fail("sglang.launch", g.launch, "an integer >= 0")
+    if g.launch == 0 and not g.urls:
+        raise ConfigError("sglang.urls: got []; accepted: the servers to attach to, or "
+                          "sglang.launch >= 1 to start them")
+    if g.launch and (g.urls or g.momentum_urls):
+        raise ConfigError("sglang.launch and sglang.urls: give one or the other (launch "
+                          "servers, or attach to running ones)")
+    if g.placement == "separate" and g.launch == 0 and not g.momentum_urls:
+        _fail("sglang.momentum_urls", g.momentum_urls,
+              "the momentum model's servers (placement separate, attached)")
+    if g.placement == "swap" and g.momentum_urls:
+        _fail("sglang.momentum_urls", g.momentum_urls, "[] in placement swap (one group)")
+    for name in ("urls", "momentum_urls"):
+        for url in getattr(g, name):
+            if not url.startswith(("http://", "https://")):
+                _fail(f"sglang.{name}", url, "http://host:port URLs")
+    if "{port}" not in g.launch_command and g.launch:
+        _fail("sglang.launch_command", g.launch_command, "a command with {port} in it")
+    for name in ("request_timeout_s", "launch_timeout_s"):
+        if not getattr(g, name) > 0:
+            _fail(f"sglang.{name}", getattr(g, name), "a number > 0")
+    if g.max_retries < 0:
+        _fail("sglang.max_retries", g.max_retries, "an integer >= 0")
+    _positive("sglang.max_prompts_per_request", g.max_prompts_per_request)
+    if not 0 <= g.base_port < 65536:
+        _fail("sglang.base_port", g.base_port, "0 (free ports) or a port number")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass, field
-from typing import Iterable, List, Literal, Optional, Tuple
+from typing import Iterable, List, Literal, Optional, Sequence, Tuple
 
 import torch
 
@@ -90,6 +90,14 @@ class RolloutEngine(abc.ABC):
         parameter must be covered; the version is stamped only after the last bucket. If the
         update fails midway the set's version becomes None and `generate` on it raises until
         a complete update succeeds."""
+
+    def generation_order(self, models: Sequence[str]) -> List[str]:
+        """The order to sample the weight sets of one step in that costs the fewest weight
+        loads (an engine that holds both at once: as given)."""
+        return list(models)
+
+    def close(self) -> None:
+        """Release servers and transfer state (an in-process engine has none)."""
 
     @abc.abstractmethod
     def weight_version(self, model: str = "policy") -> Optional[int]:

@@ -60,7 +60,7 @@ class EmbeddedEngine(RolloutEngine):
     def __init__(self, hf_config: dict, dtype: torch.dtype = torch.float32,
                  max_batch_size: int = 256, device: str | torch.device = "cpu",
                  init_seed: int = 0, seed: Optional[int] = None,
-                 num_threads: Optional[int] = None):
+                 num_threads: Optional[int] = None, sets: Sequence[str] = WEIGHT_SETS):
         """hf_config: an HF config.json as a dict (`models.architecture.hf_config_dict`).
         dtype: the models' parameter dtype (sampling math is fp32 whatever it is).
         max_batch_size: most sequences in one forward; bigger requests run in chunks.
@@ -69,6 +69,7 @@ class EmbeddedEngine(RolloutEngine):
         num_threads: torch CPU threads while generating (None: leave torch's setting). On a
             small machine shared with busy processes, 1 avoids OpenMP threads waiting on each
             other (measured: 50 ms with 1 thread vs seconds with 2 under load).
+        sets: the weight sets to hold (a server that serves one model holds just "policy").
         """
         from transformers import AutoConfig
 
@@ -81,7 +82,8 @@ class EmbeddedEngine(RolloutEngine):
         self._rng = random.Random(seed)
         self.num_threads = num_threads
         self._sets: Dict[str, _WeightSet] = {}
-        for name in WEIGHT_SETS:
+        for name in sets:
+            check_weight_set(name)
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(init_seed)
                 self._install(name, self._from_config())
@@ -93,7 +95,7 @@ class EmbeddedEngine(RolloutEngine):
         from megatron_mgrpo.models.architecture import read_hf_config
 
         engine = cls(read_hf_config(path), dtype=dtype, **kwargs)
-        for name in WEIGHT_SETS:
+        for name in engine._sets:
             engine.load_pretrained(name, path)
         return engine
 
@@ -119,7 +121,7 @@ class EmbeddedEngine(RolloutEngine):
         """Replace weight set `model` with the HF checkpoint at `path` (local files only)."""
         from transformers import AutoModelForCausalLM
 
-        check_weight_set(model)
+        self._set(model)
         loaded = AutoModelForCausalLM.from_pretrained(path, local_files_only=True)
         self._install(model, loaded)
         self._sets[model].version = version
@@ -130,34 +132,48 @@ class EmbeddedEngine(RolloutEngine):
         Each bucket is checked whole (known name, matching shape, not sent before) before any
         of it is copied; at the end every parameter must have been covered. A tied model's
         lm_head.weight is the embedding: it may be absent, and is ignored if sent."""
-        check_weight_set(model)
-        ws = self._sets[model]
+        ws = self._set(model)
         ws.version = None
         ws.broken = f"the update to version {version} did not complete"
-        seen = set()
+        seen: set = set()
         for bucket in buckets:
-            staged = []
-            for name, tensor in bucket:  # check the whole bucket before copying any of it
-                if name in ws.aliases:
-                    continue
-                param = ws.params.get(name)
-                if param is None:
-                    close = difflib.get_close_matches(name, list(ws.params), n=1)
-                    hint = f"; did you mean {close[0]!r}?" if close else ""
-                    raise WeightUpdateError(
-                        f"update_weights({model!r}): the model has no parameter {name!r}{hint}")
-                if name in seen:
-                    raise WeightUpdateError(
-                        f"update_weights({model!r}): {name!r} sent twice in one update")
-                if tuple(tensor.shape) != tuple(param.shape):
-                    raise WeightUpdateError(
-                        f"update_weights({model!r}): {name!r} has shape {tuple(tensor.shape)}, "
-                        f"the model's parameter {tuple(param.shape)}")
-                seen.add(name)
-                staged.append((param, tensor))
-            with torch.no_grad():
-                for param, tensor in staged:
-                    param.copy_(tensor)
+            self.load_tensors(model, bucket, seen)
+        self.check_covered(model, seen)
+        ws.broken = None
+        ws.version = version
+
+    def load_tensors(self, model: str, bucket: Bucket, seen: Optional[set] = None) -> None:
+        """Copy one bucket into weight set `model` after checking all of it (known names,
+        matching shapes, none in `seen`, the names already loaded in this update, which it
+        extends). Leaves the version alone: a partial update's caller stamps it."""
+        ws = self._set(model)
+        seen = set() if seen is None else seen
+        staged = []
+        for name, tensor in bucket:  # check the whole bucket before copying any of it
+            if name in ws.aliases:
+                continue
+            param = ws.params.get(name)
+            if param is None:
+                close = difflib.get_close_matches(name, list(ws.params), n=1)
+                hint = f"; did you mean {close[0]!r}?" if close else ""
+                raise WeightUpdateError(
+                    f"update_weights({model!r}): the model has no parameter {name!r}{hint}")
+            if name in seen:
+                raise WeightUpdateError(
+                    f"update_weights({model!r}): {name!r} sent twice in one update")
+            if tuple(tensor.shape) != tuple(param.shape):
+                raise WeightUpdateError(
+                    f"update_weights({model!r}): {name!r} has shape {tuple(tensor.shape)}, "
+                    f"the model's parameter {tuple(param.shape)}")
+            seen.add(name)
+            staged.append((param, tensor))
+        with torch.no_grad():
+            for param, tensor in staged:
+                param.copy_(tensor)
+
+    def check_covered(self, model: str, seen: set) -> None:
+        """Raise WeightUpdateError unless `seen` names every parameter of weight set `model`."""
+        ws = self._set(model)
         missing = [n for n in ws.params if n not in seen]
         if missing:
             more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
@@ -165,31 +181,66 @@ class EmbeddedEngine(RolloutEngine):
                 f"update_weights({model!r}): the update ended without {len(missing)} of "
                 f"{len(ws.params)} parameters ({', '.join(missing[:3])}{more}); the weight set "
                 "is unusable until a complete update")
-        ws.broken = None
-        ws.version = version
+
+    def _set(self, model: str) -> _WeightSet:
+        check_weight_set(model)
+        if model not in self._sets:
+            raise ValueError(f"this engine holds only {' and '.join(self._sets)}, not {model!r}")
+        return self._sets[model]
 
     def weight_version(self, model: str = "policy") -> Optional[int]:
-        check_weight_set(model)
-        return self._sets[model].version
+        return self._set(model).version
 
     def hf_model(self, model: str = "policy") -> torch.nn.Module:
         """The transformers module behind weight set `model` (for tests and inspection)."""
-        check_weight_set(model)
-        return self._sets[model].model
+        return self._set(model).model
 
     # ---- sampling ---------------------------------------------------------------------------
 
-    @torch.no_grad()
     def generate(self, prompts: List[List[int]], n: int, params: SamplingParams,
                  model: str = "policy") -> List[List[Completion]]:
-        check_weight_set(model)
-        ws = self._sets[model]
+        if n < 1:
+            raise ValueError(f"generate: n must be >= 1, got {n}")
+        prompts = self._checked(prompts)
+        seed = params.seed if params.seed is not None else self._rng.getrandbits(63)
+        seeds = stream_seeds(prompts, n, seed)
+        flat = self.generate_rows([p for p in prompts for _ in range(n)], seeds, params, model)
+        return [flat[i * n:(i + 1) * n] for i in range(len(prompts))]
+
+    @torch.no_grad()
+    def generate_rows(self, prompts: List[List[int]], seeds: Sequence[Optional[int]],
+                      params: SamplingParams, model: str = "policy") -> List[Completion]:
+        """One completion per prompt, each drawn from the random stream `seeds[i]` (None: a
+        fresh one from the engine's generator); `params.seed` is not used. What a server
+        does with a request whose items carry their own sampling seeds."""
+        ws = self._set(model)
         if ws.broken:
             raise WeightsNotReadyError(
                 f"weight set {model!r} cannot generate: {ws.broken}; push a complete update "
                 "first")
-        if n < 1:
-            raise ValueError(f"generate: n must be >= 1, got {n}")
+        if len(seeds) != len(prompts):
+            raise ValueError(f"generate_rows: {len(prompts)} prompts but {len(seeds)} seeds")
+        prompts = self._checked(prompts)
+        seeds = [self._rng.getrandbits(63) if s is None else int(s) for s in seeds]
+        # Similar lengths together: less padding; the result does not depend on the grouping.
+        rows = sorted(range(len(prompts)), key=lambda r: -len(prompts[r]))
+        out: List[Optional[Completion]] = [None] * len(prompts)
+        threads = torch.get_num_threads()
+        if self.num_threads and self.num_threads != threads:
+            torch.set_num_threads(self.num_threads)
+        try:
+            for start in range(0, len(rows), self.max_batch_size):
+                chunk = rows[start:start + self.max_batch_size]
+                done = self._sample(ws.model, [prompts[r] for r in chunk],
+                                    [seeds[r] for r in chunk], params)
+                for r, c in zip(chunk, done):
+                    out[r] = c
+        finally:
+            if torch.get_num_threads() != threads:
+                torch.set_num_threads(threads)
+        return out
+
+    def _checked(self, prompts: List[List[int]]) -> List[List[int]]:
         vocab = self.config.vocab_size
         prompts = [list(map(int, p)) for p in prompts]
         for i, p in enumerate(prompts):
@@ -197,32 +248,7 @@ class EmbeddedEngine(RolloutEngine):
                 raise ValueError(f"generate: prompt {i} is empty")
             if min(p) < 0 or max(p) >= vocab:
                 raise ValueError(f"generate: prompt {i} has a token id outside [0, {vocab})")
-        seed = params.seed if params.seed is not None else self._rng.getrandbits(63)
-
-        rows = []  # (prompt index, sample index, stream seed)
-        occurrences: Dict[tuple, int] = {}
-        for i, p in enumerate(prompts):
-            key = tuple(p)
-            k = occurrences.get(key, 0)
-            occurrences[key] = k + 1
-            rows.extend((i, j, _stream_seed(seed, key, k, j)) for j in range(n))
-        # Similar lengths together: less padding; the result does not depend on the grouping.
-        rows.sort(key=lambda r: -len(prompts[r[0]]))
-        out: List[List[Optional[Completion]]] = [[None] * n for _ in prompts]
-        threads = torch.get_num_threads()
-        if self.num_threads and self.num_threads != threads:
-            torch.set_num_threads(self.num_threads)
-        try:
-            for start in range(0, len(rows), self.max_batch_size):
-                chunk = rows[start:start + self.max_batch_size]
-                done = self._sample(ws.model, [prompts[i] for i, _, _ in chunk],
-                                    [s for _, _, s in chunk], params)
-                for (i, j, _), c in zip(chunk, done):
-                    out[i][j] = c
-        finally:
-            if torch.get_num_threads() != threads:
-                torch.set_num_threads(threads)
-        return out
+        return prompts
 
     def _sample(self, model, prompts: Sequence[List[int]], seeds: Sequence[int],
                 params: SamplingParams) -> List[Completion]:
@@ -284,6 +310,20 @@ class EmbeddedEngine(RolloutEngine):
                            logprobs=logprobs[r][:int(lengths[r])],
                            finish_reason="stop" if stopped[r] else "length")
                 for r in range(b)]
+
+
+def stream_seeds(prompts: Sequence[Sequence[int]], n: int, seed: int) -> List[int]:
+    """The random stream of each of a call's completions, prompt-major (prompt i's j-th at
+    i * n + j): a function of (call seed, prompt tokens, occurrence of that prompt in the call,
+    j) only, so the same prompt gets the same completions alone or in any batch, in this
+    process or through a server that is handed these seeds."""
+    seeds, occurrences = [], {}
+    for p in prompts:
+        key = tuple(int(t) for t in p)
+        k = occurrences.get(key, 0)
+        occurrences[key] = k + 1
+        seeds.extend(_stream_seed(seed, key, k, j) for j in range(n))
+    return seeds
 
 
 def _stream_seed(seed: int, prompt: tuple, occurrence: int, sample: int) -> int:
