@@ -47,7 +47,11 @@ def train_worker(args):
 
     cfg = load_config(os.path.join(ROOT, "examples/tiny/config.yaml"), args)
     trainer = Trainer(cfg)
-    history = trainer.run()
+    try:
+        history = trainer.run()
+    finally:
+        if trainer.engine is not None:
+            trainer.engine.close()
     versions = None
     if trainer.engine is not None:
         versions = (trainer.engine.weight_version("policy"),

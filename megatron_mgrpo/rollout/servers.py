@@ -3,6 +3,7 @@ it (so that a dead or hung one can be killed and started again on the same port)
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import shlex
@@ -88,6 +89,7 @@ class ServerProcess:
         self.popen = subprocess.Popen(self.argv, stdout=log, stderr=subprocess.STDOUT,
                                       start_new_session=True)
         log.close()
+        atexit.register(self.stop)  # a crashed trainer must not leave servers behind
 
     def wait_healthy(self, server: Server, timeout: float) -> None:
         deadline = time.monotonic() + timeout
@@ -103,6 +105,7 @@ class ServerProcess:
                           f"{self.log_path}\n{_tail(self.log_path)}")
 
     def stop(self) -> None:
+        atexit.unregister(self.stop)
         if self.popen is None or self.popen.poll() is not None:
             return
         try:

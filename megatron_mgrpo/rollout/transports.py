@@ -18,10 +18,13 @@ name or shape: retrying cannot help).
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import shutil
 import threading
+import time
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
@@ -30,6 +33,9 @@ import torch
 from megatron_mgrpo.rollout import protocol
 from megatron_mgrpo.rollout.base import Bucket, WeightUpdateError
 from megatron_mgrpo.rollout.servers import Server, ServerError, free_port
+
+
+_GROUP_IDS = itertools.count(1)
 
 
 class PushFailed(RuntimeError):
@@ -163,14 +169,14 @@ class DistributedTransport(Transport):
         self.backend = backend
         self.master_address = master_address
         self._groups: Dict[Tuple[str, ...], Tuple[str, object]] = {}
-        self._count = 0
+        self._members: Dict[str, List[Server]] = {}
         self.device = torch.device("cuda" if backend == "nccl" else "cpu")
 
     def _group(self, servers: Sequence[Server]):
         key = tuple(s.url for s in servers)
         if key not in self._groups:
-            self._count += 1
-            name = f"mgrpo_weights_{os.getpid()}_{self._count}"
+            # Unique for the servers' lifetime: a server process keeps every name it joined.
+            name = f"mgrpo_weights_{os.getpid()}_{next(_GROUP_IDS)}_{uuid.uuid4().hex[:8]}"
             port = free_port(self.master_address)
             world = 1 + sum(s.tp_size for s in servers)
             offsets, off = [], 1
@@ -191,14 +197,33 @@ class DistributedTransport(Transport):
                        for s, o in zip(servers, offsets)]
             for t in threads:
                 t.start()
-            group = protocol.init_weight_update_group(self.backend, self.master_address, port,
-                                                      0, world, name, self.timeout_s)
-            for t in threads:
-                t.join()
+            ours: Dict[str, object] = {}
+
+            def make():
+                try:
+                    ours["group"] = protocol.init_weight_update_group(
+                        self.backend, self.master_address, port, 0, world, name, self.timeout_s)
+                except BaseException as e:  # noqa: BLE001
+                    ours["error"] = e
+
+            mine = threading.Thread(target=make, daemon=True)
+            mine.start()
+            # A server that refuses to join would leave our rendezvous waiting out its
+            # timeout: watch both ends and give up as soon as one side fails.
+            deadline = time.monotonic() + self.timeout_s
+            while mine.is_alive() and time.monotonic() < deadline and not (
+                    result and not all(t.is_alive() for t in threads)):
+                mine.join(0.05)
             for s in servers:
                 if s.url in result:
                     raise PushFailed(s, result[s.url])
-            self._groups[key] = (name, group)
+            if "group" not in ours:
+                raise PushFailed(servers[0], ours.get("error") or TimeoutError(
+                    f"the weight update group {name} did not form in {self.timeout_s:.0f} s"))
+            for t in threads:
+                t.join(self.timeout_s)
+            self._groups[key] = (name, ours["group"])
+            self._members[name] = list(servers)
         return self._groups[key]
 
     def send(self, servers, source, tag):
@@ -236,18 +261,28 @@ class DistributedTransport(Transport):
             self.forget(s)
 
     def forget(self, server):
-        import torch.distributed as dist
-
         for key in [k for k in self._groups if server.url in k]:
-            _, group = self._groups.pop(key)
-            try:
-                dist.destroy_process_group(group)
-            except Exception:  # noqa: BLE001 - a broken group may not tear down cleanly
-                pass
+            self._drop_group(key, server.url)
 
     def close(self):
         for key in list(self._groups):
-            self.forget(Server(key[0]))
+            self._drop_group(key)
+
+    def _drop_group(self, key, gone: Optional[str] = None) -> None:
+        """Leave a group; its members other than `gone` (which died) leave it too."""
+        import torch.distributed as dist
+
+        name, group = self._groups.pop(key)
+        for s in self._members.pop(name, []):
+            if s.url != gone:
+                try:
+                    s.call("/destroy_weights_update_group", {"group_name": name}, 10.0)
+                except ServerError:
+                    pass
+        try:
+            dist.destroy_process_group(group)
+        except Exception:  # noqa: BLE001 - a broken group may not tear down cleanly
+            pass
 
 
 def make_transport(kind: str, bucket_bytes: int, directory: str = "",
