@@ -260,9 +260,9 @@ def test_serve_refuses_a_directory_that_is_not_a_model(tmp_path):
     assert main(["serve", "--model", str(tmp_path)]) == 2
 
 
-def test_sglang_config_is_checked():
+def test_sglang_config_is_checked(model_dir):
     base = os.path.join(ROOT, "examples/tiny/config.yaml")
-    sg = ["--rollout.backend", "sglang"]
+    sg = ["--model.load", model_dir, "--rollout.backend", "sglang"]
     with pytest.raises(ConfigError, match="sglang.urls"):
         load_config(base, sg)
     with pytest.raises(ConfigError, match="sglang.momentum_urls"):
