@@ -254,6 +254,17 @@ def test_launched_servers_survive_a_kill_and_a_hang_mid_step(weights, reference,
         assert s.process.popen.poll() is not None  # nothing left running
 
 
+def test_a_server_that_dies_while_starting_or_never_answers_is_one_clear_error(tmp_path):
+    from megatron_mgrpo.parallel import free_port
+    from megatron_mgrpo.rollout.servers import ServerError
+
+    with pytest.raises(ServerError, match="exited with code 3 while starting; its log"):
+        launch('{python} -c "import sys; sys.exit(3)" {port}', 1, "127.0.0.1", 0, "m",
+               str(tmp_path), 60)
+    with pytest.raises(ServerError, match="not healthy after 1 s"):
+        Server(f"http://127.0.0.1:{free_port()}").wait_healthy(1.0)
+
+
 def test_serve_refuses_a_directory_that_is_not_a_model(tmp_path):
     from megatron_mgrpo.cli import main
 

@@ -204,15 +204,20 @@ class EmbeddedEngine(RolloutEngine):
         prompts = self._checked(prompts)
         seed = params.seed if params.seed is not None else self._rng.getrandbits(63)
         seeds = stream_seeds(prompts, n, seed)
-        flat = self.generate_rows([p for p in prompts for _ in range(n)], seeds, params, model)
+        flat = self._rows([p for p in prompts for _ in range(n)], seeds, params, model)
         return [flat[i * n:(i + 1) * n] for i in range(len(prompts))]
 
-    @torch.no_grad()
     def generate_rows(self, prompts: List[List[int]], seeds: Sequence[Optional[int]],
                       params: SamplingParams, model: str = "policy") -> List[Completion]:
         """One completion per prompt, each drawn from the random stream `seeds[i]` (None: a
         fresh one from the engine's generator); `params.seed` is not used. What a server
         does with a request whose items carry their own sampling seeds."""
+        return self._rows(self._checked(prompts), seeds, params, model)
+
+    @torch.no_grad()
+    def _rows(self, prompts: List[List[int]], seeds: Sequence[Optional[int]],
+              params: SamplingParams, model: str) -> List[Completion]:
+        """generate_rows on prompts already checked."""
         ws = self._set(model)
         if ws.broken:
             raise WeightsNotReadyError(
@@ -220,7 +225,6 @@ class EmbeddedEngine(RolloutEngine):
                 "first")
         if len(seeds) != len(prompts):
             raise ValueError(f"generate_rows: {len(prompts)} prompts but {len(seeds)} seeds")
-        prompts = self._checked(prompts)
         seeds = [self._rng.getrandbits(63) if s is None else int(s) for s in seeds]
         # Similar lengths together: less padding; the result does not depend on the grouping.
         rows = sorted(range(len(prompts)), key=lambda r: -len(prompts[r]))

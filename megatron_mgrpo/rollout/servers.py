@@ -8,13 +8,14 @@ import json
 import os
 import shlex
 import signal
-import socket
 import subprocess
 import sys
 import time
 import urllib.error
 import urllib.request
 from typing import Any, List, Optional
+
+from megatron_mgrpo.parallel import free_port
 
 
 class ServerError(RuntimeError):
@@ -71,6 +72,21 @@ class Server:
         except ServerError:
             return False
 
+    def wait_healthy(self, timeout: float) -> None:
+        """Poll /health until it answers; ServerError after `timeout` s, or at once if our
+        process exited (with the tail of its log)."""
+        proc = self.process
+        log = f"; its log: {proc.log_path}\n{_tail(proc.log_path)}" if proc else ""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if proc is not None and proc.popen is not None and proc.popen.poll() is not None:
+                raise ServerError(f"{self.url}: the server exited with code "
+                                  f"{proc.popen.returncode} while starting{log}")
+            if self.healthy(timeout=2.0):
+                return
+            time.sleep(0.2)
+        raise ServerError(f"{self.url}: not healthy after {timeout:.0f} s{log}")
+
 
 class ServerProcess:
     """A server we launched: `command` is a template with {host}, {port} and {model}."""
@@ -91,19 +107,6 @@ class ServerProcess:
         log.close()
         atexit.register(self.stop)  # a crashed trainer must not leave servers behind
 
-    def wait_healthy(self, server: Server, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.popen is not None and self.popen.poll() is not None:
-                raise ServerError(f"{self.url}: the server exited with code "
-                                  f"{self.popen.returncode} while starting; its log: "
-                                  f"{self.log_path}\n{_tail(self.log_path)}")
-            if server.healthy(timeout=2.0):
-                return
-            time.sleep(0.2)
-        raise ServerError(f"{self.url}: not healthy after {timeout:.0f} s; its log: "
-                          f"{self.log_path}\n{_tail(self.log_path)}")
-
     def stop(self) -> None:
         atexit.unregister(self.stop)
         if self.popen is None or self.popen.poll() is not None:
@@ -123,12 +126,6 @@ def _tail(path: str, lines: int = 20) -> str:
         return ""
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
-
-
 def launch(command: str, count: int, host: str, base_port: int, model: str, log_dir: str,
            timeout: float) -> List[Server]:
     """Start `count` servers on consecutive ports from `base_port` (0: free ports) and wait
@@ -142,7 +139,7 @@ def launch(command: str, count: int, host: str, base_port: int, model: str, log_
             proc.start()
             servers.append(Server(proc.url, proc))
         for s in servers:
-            s.process.wait_healthy(s, timeout)
+            s.wait_healthy(timeout)
     except BaseException:
         for s in servers:
             s.process.stop()

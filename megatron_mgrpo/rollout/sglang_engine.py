@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import collections
 import threading
-import time
 from typing import Callable, Dict, Iterable, List, Optional, Sequence
 
 from megatron_mgrpo.rollout import protocol
@@ -108,7 +107,7 @@ class SGLangEngine(RolloutEngine):
             s.process.stop()
             try:
                 s.process.start()
-                s.process.wait_healthy(s, self.launch_timeout_s)
+                s.wait_healthy(self.launch_timeout_s)
                 self._introduce(s)
                 return
             except (ServerError, OSError) as e:
@@ -333,13 +332,8 @@ def make_sglang_engine(g, model_path: str, bucket_bytes: int, run_dir: str,
         policy, momentum = servers[:g.launch], servers[g.launch:]
     else:
         policy, momentum = [Server(u) for u in g.urls], [Server(u) for u in g.momentum_urls]
-        deadline = time.monotonic() + g.launch_timeout_s
         for s in policy + momentum:
-            while not s.healthy(timeout=2.0):
-                if time.monotonic() > deadline:
-                    raise RolloutError(f"{s.url} did not answer /health within "
-                                       f"{g.launch_timeout_s:.0f} s")
-                time.sleep(0.5)
+            s.wait_healthy(g.launch_timeout_s)
     groups = {"policy": policy, "momentum": momentum if g.placement == "separate" else policy}
     backend = g.dist_backend if g.dist_backend != "auto" else (
         "nccl" if torch.cuda.is_available() else "gloo")

@@ -30,9 +30,10 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 
+from megatron_mgrpo.parallel import free_port
 from megatron_mgrpo.rollout import protocol
 from megatron_mgrpo.rollout.base import Bucket, WeightUpdateError
-from megatron_mgrpo.rollout.servers import Server, ServerError, free_port
+from megatron_mgrpo.rollout.servers import Server, ServerError
 
 
 _GROUP_IDS = itertools.count(1)
