@@ -98,8 +98,8 @@ def main(argv=None) -> None:
                 best = float("inf")
                 for r in range(args.repeats):
                     fresh = [(n, t.clone()) for n, t in named]  # a trainer's new tensors
-                    t = _timed(lambda: engine.update_weights(
-                        "policy", bucketize(fresh, mb * 2 ** 20), version=r))
+                    t = _timed(lambda f=fresh, r=r: engine.update_weights(
+                        "policy", bucketize(f, mb * 2 ** 20), version=r))
                     best = min(best, t)
                     del fresh
                 transport.close()

@@ -1,7 +1,9 @@
 """The `mgrpo` command.
 
     mgrpo train CONFIG [--resume] [--section.key value ...]   the M-GRPO loop
-    mgrpo eval CONFIG [--checkpoint DIR] [--section.key value ...]  validation accuracy
+    mgrpo eval CONFIG [--checkpoint DIR] [--benchmarks a,b] [--section.key value ...]
+                              validation accuracy and benchmark scores of a checkpoint
+    mgrpo eval [CONFIG] --model HF_DIR --benchmarks math500,aime24,...   an HF model's scores
     mgrpo smoke CONFIG [--section.key value ...]   update steps on a fixed synthetic batch
     mgrpo serve --model HF_DIR [--host H] [--port P]  an SGLang-protocol rollout server (CPU)
     mgrpo config CONFIG [--section.key value ...]  print the resolved config (YAML)
@@ -53,11 +55,19 @@ def main(argv: Optional[List[str]] = None) -> int:
     train.add_argument("config", help="YAML config file")
     train.add_argument("--resume", action="store_true",
                        help="continue from the newest checkpoint in training.run_dir")
-    ev = sub.add_parser("eval", help="validation pass@1 and maj@k of a checkpoint")
-    ev.add_argument("config", help="YAML config file")
-    ev.add_argument("--checkpoint", default=None,
-                    help="checkpoint directory (default: the newest in training.run_dir; "
-                         "none there: the model.load weights)")
+    ev = sub.add_parser("eval", help="validation and benchmark scores (pass@1, maj@k, pass@k) "
+                                     "of a checkpoint or an HF model")
+    ev.add_argument("config", nargs="?",
+                    help="YAML config file, right after `eval` (optional with --model)")
+    source = ev.add_mutually_exclusive_group()
+    source.add_argument("--checkpoint", default=None,
+                        help="checkpoint directory (default: the newest in training.run_dir; "
+                             "none there: the model.load weights)")
+    source.add_argument("--model", default=None,
+                        help="an HF model directory, sampled as it is (no Megatron model)")
+    ev.add_argument("--benchmarks", default=None,
+                    help="comma-separated benchmarks (sets eval.benchmarks): math500, aime24, "
+                         "aime25, gpqa, gpqa_diamond, livecodebench")
     smoke = sub.add_parser("smoke", help="M-GRPO update steps on a fixed synthetic batch")
     smoke.add_argument("config", help="YAML config file")
     srv = sub.add_parser("serve", help="an SGLang-protocol rollout server on the embedded "
@@ -73,7 +83,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     show.add_argument("config", nargs="?", help="YAML config file")
     show.add_argument("--help-fields", action="store_true",
                       help="list every field with its documentation")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["eval"] and (len(argv) == 1 or argv[1].startswith("-")):
+        # No CONFIG: hold its place, or argparse would take the value of the first
+        # `--section.key value` override for it.
+        argv.insert(1, "")
     args, overrides = parser.parse_known_args(argv)
+    if getattr(args, "config", None) == "":
+        args.config = None
 
     if args.command == "serve":
         if overrides:
@@ -98,11 +115,24 @@ def main(argv: Optional[List[str]] = None) -> int:
             return 0
         if getattr(args, "resume", False):
             overrides = [*overrides, "--training.resume", "true"]
+        if args.command == "eval":
+            if args.config is None and args.model is None:
+                parser.error("eval needs a CONFIG, or --model HF_DIR")
+            if args.benchmarks is not None:
+                names = [b.strip() for b in args.benchmarks.split(",") if b.strip()]
+                overrides = [*overrides, "--eval.benchmarks", "[" + ", ".join(names) + "]"]
+            if args.model is not None:
+                overrides = [*overrides, "--model.load", args.model]
         cfg = load_config(args.config, overrides, world_size=_world_size())
         if args.command == "train":
             from megatron_mgrpo.trainer import train
 
             train(cfg)
+            return 0
+        if args.command == "eval" and args.model is not None:
+            from megatron_mgrpo.evaluation.run import evaluate_model_dir
+
+            evaluate_model_dir(cfg, args.model)
             return 0
         if args.command == "eval":
             from megatron_mgrpo.trainer import evaluate_checkpoint

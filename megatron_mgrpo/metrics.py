@@ -109,7 +109,11 @@ def plot_metrics(run_dir: str) -> List[str]:
 
     rows = read_metrics(run_dir)
     written = []
-    for name, (title, series) in PLOTS.items():
+    # Benchmark curves (eval.interval): one line per `<benchmark>/pass@1` logged.
+    bench = sorted({k for m in rows for k in m if k.endswith("/pass@1")})
+    plots = dict(PLOTS, **{"benchmarks.png": ("benchmarks (pass@1)",
+                                              [(k, k.split("/")[0]) for k in bench])})
+    for name, (title, series) in plots.items():
         fig, ax = plt.subplots(figsize=(6, 3.5))
         drawn = False
         for key, label in series:

@@ -127,6 +127,7 @@ class Trainer:
         self.engine = self._make_engine() if self.is_main else None
         self.loss_fn = make_loss_fn(a)
         self.step = 0
+        self._benchmarks = None
 
     # ---- pieces -----------------------------------------------------------------------------
 
@@ -241,6 +242,33 @@ class Trainer:
                       "val_token_logprob": sum(logprobs) / max(len(logprobs), 1)}
         return _broadcast(result, self.ctx)
 
+    def benchmarks(self):
+        """eval.benchmarks, loaded on first use. Every rank loads them (only rank 0 samples), so
+        a missing or bad file stops all ranks with the same error instead of hanging them."""
+        from megatron_mgrpo.evaluation.harness import load_configured
+
+        if self._benchmarks is None:
+            self._benchmarks = load_configured(self.cfg.eval, self._say)
+        return self._benchmarks
+
+    @torch.no_grad()
+    def evaluate_benchmarks(self) -> Dict[str, float]:
+        """The policy's scores on eval.benchmarks, as `<benchmark>/<metric>` (rank 0 samples and
+        grades; every rank gets the figures); the full report goes to
+        `<eval output dir>/step_<N>.json`."""
+        from megatron_mgrpo.evaluation.harness import flat_metrics, run_benchmarks
+        from megatron_mgrpo.evaluation.run import output_dir, report
+
+        flat = None
+        if self.is_main:
+            doc = run_benchmarks(self.engine, self.tokenizer, self.benchmarks(), self.cfg.eval,
+                                 self.policy.model_cfg.max_position_embeddings,
+                                 label=self.cfg.model.load or "random init", step=self.step,
+                                 log=self._say)
+            report(doc, os.path.join(output_dir(self.cfg), f"step_{self.step}.json"), self._say)
+            flat = flat_metrics(doc)
+        return _broadcast(flat, self.ctx)
+
     def save(self) -> None:
         save_checkpoint(self.cfg.training.run_dir, self.step, self.policy, self.momentum,
                         {"data": self.sampler.state_dict(), "config": dump_config(self.cfg),
@@ -271,8 +299,12 @@ class Trainer:
                 f.write(dump_config(cfg))
         self.push_weights(momentum_too=True)
         history = []
-        if self.step == 0 and t.eval_interval:
-            base = {"step": 0, **self.evaluate()}
+        bench_every = cfg.eval.interval if cfg.eval.benchmarks else 0
+        if bench_every:  # a missing benchmark file fails now, not at step K
+            self.benchmarks()
+        if self.step == 0 and (t.eval_interval or bench_every):
+            base = {"step": 0, **(self.evaluate() if t.eval_interval else {}),
+                    **(self.evaluate_benchmarks() if bench_every else {})}
             self.log.write(f"step 0 (base): {_fmt(base)}")
             history.append(base)
             self.log.log(base, advance=False)
@@ -296,6 +328,8 @@ class Trainer:
             metrics["completion_len"] = float(batch.completion_lengths.mean())
             if t.eval_interval and (self.step % t.eval_interval == 0 or self.step == t.steps):
                 metrics.update(self.evaluate())
+            if bench_every and (self.step % bench_every == 0 or self.step == t.steps):
+                metrics.update(self.evaluate_benchmarks())
             metrics["step_time_s"] = time.time() - t0
             history.append(metrics)
             self.log.log(metrics)
@@ -327,7 +361,13 @@ def train(cfg: Config) -> List[Dict[str, float]]:
 
 
 def evaluate_checkpoint(cfg: Config, checkpoint: Optional[str] = None) -> Dict[str, float]:
-    """Validation pass@1 / maj@k of a checkpoint (default: the run's newest; none: model.load)."""
+    """Validation pass@1 / maj@k (data.val_path) and benchmark scores (eval.benchmarks) of a
+    checkpoint (default: the run's newest; none: model.load)."""
+    if not cfg.data.val_path and not cfg.eval.benchmarks:
+        from megatron_mgrpo.config import ConfigError
+
+        raise ConfigError("nothing to evaluate: set data.val_path (validation prompts) or "
+                          "eval.benchmarks (e.g. --benchmarks math500,aime24)")
     trainer = Trainer(cfg)
     if checkpoint is None:
         last = latest_step(cfg.training.run_dir)
@@ -337,13 +377,17 @@ def evaluate_checkpoint(cfg: Config, checkpoint: Optional[str] = None) -> Dict[s
                                 load_optimizer=False)
         trainer.step = int(state["step"])
     try:
+        if cfg.eval.benchmarks:
+            trainer.benchmarks()
         trainer.push_weights(momentum_too=False)
         result = trainer.evaluate()
+        if trainer.is_main and result:
+            source = checkpoint or cfg.model.load or "random init"
+            print(f"{source}: val_accuracy (pass@1, k={cfg.training.eval_samples}) "
+                  f"{result['val_accuracy']:.4f}  val_maj (maj@k) {result['val_maj']:.4f}")
+        if cfg.eval.benchmarks:
+            result.update(trainer.evaluate_benchmarks())
     finally:
         if trainer.engine is not None:
             trainer.engine.close()
-    if trainer.is_main:
-        source = checkpoint or cfg.model.load or "random init"
-        print(f"{source}: val_accuracy (pass@1, k={cfg.training.eval_samples}) "
-              f"{result['val_accuracy']:.4f}  val_maj (maj@k) {result['val_maj']:.4f}")
     return result

@@ -261,7 +261,7 @@ def test_yaml_that_is_not_a_mapping(tmp_path):
     path = write(tmp_path, "- model\n- parallel\n")
     assert error_of(path) == (f"config file {path}: the top level must be a mapping of sections "
                               "(model, parallel, rollout, sglang, algorithm, optimizer, data, "
-                              "training, logging); got a list")
+                              "training, eval, logging); got a list")
 
 
 def test_missing_file(tmp_path):

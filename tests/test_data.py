@@ -190,7 +190,7 @@ def test_missing_and_empty_files_are_clear_errors(sp_tokenizer, tmp_path):
     with pytest.raises(DataError, match="raise data.max_prompt_length=8"):
         load_prompts(too_long, tokenizer=sp_tokenizer, max_prompt_length=8, log=None)
     with pytest.raises(DataError, match="unknown file type"):
-        load_prompts(_write_lines(tmp_path / "x.csv", ["a,b"]), log=None)
+        load_prompts(_write_lines(tmp_path / "x.txt", ["a,b"]), log=None)
 
 
 def test_parquet_through_datasets(tmp_path):

@@ -27,6 +27,15 @@ def tiny_base(tmp_path_factory):
     prepare.main(["--out", out, "--n-sft", "800", "--n-train", "64", "--n-val", "8",
                   "--sft-steps", "60", "--k", "2", "--hidden-size", "64",
                   "--intermediate-size", "128", "--threads", "1"])
+    # The validation prompts again as a benchmark file in MATH-500's schema.
+    os.makedirs(os.path.join(out, "eval"))
+    with open(os.path.join(out, "data", "val.jsonl")) as src, \
+            open(os.path.join(out, "eval", "math500.jsonl"), "w") as dst:
+        for i, line in enumerate(src):
+            row = json.loads(line)
+            dst.write(json.dumps({"problem": row["prompt"], "solution": "", "level": 1,
+                                  "answer": row["answer"], "subject": "Arithmetic",
+                                  "unique_id": f"test/arithmetic/{i}.json"}) + "\n")
     return out
 
 
@@ -38,7 +47,11 @@ def overrides(base, run_dir, steps, *extra):
             "--rollout.max_new_tokens", "24",
             "--training.run_dir", run_dir, "--training.steps", str(steps),
             "--training.eval_interval", "2", "--training.eval_samples", "2",
-            "--training.save_interval", "2", *extra]
+            "--training.save_interval", "2",
+            "--eval.benchmarks", "[math500]", "--eval.interval", "2",
+            "--eval.data_dir", f"{base}/eval", "--eval.samples", "2",
+            "--eval.max_new_tokens", "24", "--eval.templates", '{math500: "{problem}"}',
+            "--eval.temperature", "1.0", "--eval.top_p", "1.0", *extra]
 
 
 def train_worker(args):
@@ -84,12 +97,21 @@ def test_run_writes_metrics_plots_and_checkpoints(uninterrupted):
     with open(os.path.join(run_dir, "metrics.jsonl")) as f:
         logged = [json.loads(line)["step"] for line in f]
     assert logged == [0, 1, 2, 3, 4]
-    for png in ("reward.png", "entropy.png", "pseudo_label_acc.png", "val_accuracy.png"):
+    for png in ("reward.png", "entropy.png", "pseudo_label_acc.png", "val_accuracy.png",
+                "benchmarks.png"):
         assert os.path.getsize(os.path.join(run_dir, png)) > 1000, png
     assert os.listdir(os.path.join(run_dir, "tensorboard"))
     assert sorted(os.listdir(os.path.join(run_dir, "checkpoints"))) == [
         "latest", "step_0000002", "step_0000004"]
     assert versions == (4, 4)  # the engine holds the last step's policy and momentum weights
+    # Benchmarks at the base, every 2 steps and the end; each report beside the metrics.
+    assert [m["step"] for m in history if "math500/pass@1" in m] == [0, 2, 4]
+    assert sorted(os.listdir(os.path.join(run_dir, "eval"))) == [
+        "step_0.json", "step_2.json", "step_4.json"]
+    with open(os.path.join(run_dir, "eval", "step_4.json")) as f:
+        report = json.load(f)["benchmarks"]["math500"]
+    assert report["problems_scored"] == 8 and report["samples"] == 2
+    assert report["metrics"]["pass@1"] == history[-1]["math500/pass@1"]
     from megatron_mgrpo.checkpoint import read_trainer_state, step_dir
     from megatron_mgrpo.config import load_config
 
@@ -183,6 +205,8 @@ def test_eval_of_the_final_checkpoint_reproduces_the_runs_last_validation(tiny_b
     # Accuracy of the tiny test base can be 0 either way; the log-prob cannot hide a wrong load.
     assert result["val_token_logprob"] == history[-1]["val_token_logprob"]
     assert result["val_token_logprob"] != history[0]["val_token_logprob"]
+    for k in ("math500/pass@1", "math500/maj@2", "math500/completion_tokens"):
+        assert result[k] == history[-1][k], k
 
 
 def test_bad_data_is_one_clear_line(tiny_base, tmp_path):
@@ -258,6 +282,27 @@ def test_export_to_hf_holds_the_checkpoints_policy_and_momentum(uninterrupted, t
     (ema,) = run_workers(export_worker, 1, run_dir, str(tmp_path / "momentum"), "momentum")
     assert ema["equal"] and not torch.equal(ema["first"], policy["first"])
     assert not os.path.exists(str(tmp_path / "policy") + ".tmp")
+
+
+def test_eval_of_the_exported_model_equals_the_runs_last_benchmark_eval(tiny_base, uninterrupted,
+                                                                        tmp_path):
+    """`mgrpo eval --model` on the final checkpoint exported to HF: no Megatron model, weights
+    loaded by transformers, yet the same completions as the trainer's last benchmark pass."""
+    import subprocess
+    import sys
+
+    run_dir, (history, _) = uninterrupted
+    run_workers(export_worker, 1, run_dir, str(tmp_path / "policy"), "policy")
+    args = overrides(tiny_base, str(tmp_path / "run"), 4)
+    run = subprocess.run([sys.executable, "-m", "megatron_mgrpo.cli", "eval",
+                          os.path.join(ROOT, "examples/tiny/config.yaml"),
+                          "--model", str(tmp_path / "policy"), *args],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    with open(tmp_path / "run" / "eval" / "policy.json") as f:
+        metrics = json.load(f)["benchmarks"]["math500"]["metrics"]
+    for k in ("pass@1", "maj@2", "answered", "completion_tokens"):
+        assert metrics[k] == history[-1][f"math500/{k}"], k
 
 
 def test_a_run_from_the_converted_base_equals_the_run_from_the_hf_base(tiny_base, uninterrupted,

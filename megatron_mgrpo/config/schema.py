@@ -369,6 +369,86 @@ class TrainingConfig:
 
 
 @dataclass
+class EvalConfig:
+    """Benchmark evaluation: `mgrpo eval`, and during training every `interval` steps."""
+
+    benchmarks: List[str] = field(default_factory=list)
+    """Benchmarks to run, any of math500 | aime24 | aime25 | gpqa | gpqa_diamond |
+    livecodebench (README "Evaluation" says where each file comes from)."""
+
+    data_dir: str = "data/eval"
+    """Where benchmark files are looked up: `<data_dir>/<name>.jsonl` (or .parquet, .json, .csv),
+    or a directory `<data_dir>/<name>/` whose data files are read together. Nothing is
+    downloaded."""
+
+    paths: Dict[str, str] = field(default_factory=dict)
+    """Per-benchmark file or directory, overriding data_dir (e.g. {gpqa_diamond:
+    /data/gpqa/gpqa_diamond.csv})."""
+
+    samples: int = 8
+    """Completions per problem (k): pass@1 is their mean, maj@k their vote."""
+
+    samples_by_benchmark: Dict[str, int] = field(default_factory=dict)
+    """Per-benchmark sample counts overriding `samples` (e.g. {aime24: 32}: few problems need
+    more samples for a stable mean)."""
+
+    pass_k: List[int] = field(default_factory=list)
+    """Extra k of the unbiased pass@k estimator (each at most a benchmark's sample count;
+    larger ones are left out of that benchmark)."""
+
+    temperature: float = 0.6
+    """Sampling temperature (0: greedy)."""
+
+    top_p: float = 0.95
+    """Nucleus sampling threshold."""
+
+    max_new_tokens: int = 2048
+    """Most tokens per completion; the share that hit it is reported as `truncated`."""
+
+    max_prompt_length: int = 0
+    """Problems whose prompt is longer (tokens) are skipped and counted in the report (0: the
+    model's context minus max_new_tokens)."""
+
+    max_problems: int = 0
+    """Evaluate on at most this many problems per benchmark, in file order (0: all)."""
+
+    interval: int = 0
+    """During training: run the benchmarks every this many steps and at the last step (0:
+    never)."""
+
+    seed: int = 0
+    """Seed of the sampling streams and of GPQA's option order."""
+
+    chat_template: bool = False
+    """Wrap each prompt as one user message in the tokenizer's chat template (instruct models)."""
+
+    templates: Dict[str, str] = field(default_factory=dict)
+    """Per-benchmark prompt templates replacing the defaults (str.format fields: {problem} for
+    math benchmarks; {question} {A} {B} {C} {D} for GPQA; {question} {format} for
+    LiveCodeBench)."""
+
+    livecodebench_dates: Optional[str] = None
+    """Keep LiveCodeBench problems whose contest_date lies in `START:END` (ISO dates, either may
+    be empty), e.g. "2024-08-01:2025-02-01"; None keeps all."""
+
+    code_timeout_s: float = 6.0
+    """Seconds each LiveCodeBench test may run in the sandbox."""
+
+    code_workers: int = 2
+    """Sandboxed programs graded at once."""
+
+    prompts_per_call: int = 64
+    """Problems sent to the rollout engine per call (progress is reported after each)."""
+
+    output_dir: Optional[str] = None
+    """Where results go (None: `<training.run_dir>/eval`): `step_<N>.json` or `<model>.json`,
+    and `*.completions.jsonl` with save_completions."""
+
+    save_completions: bool = False
+    """Also write every completion's text, answer and grade (jsonl) beside the results."""
+
+
+@dataclass
 class LoggingConfig:
     """What the run reports."""
 
@@ -409,6 +489,9 @@ class Config:
 
     training: TrainingConfig = field(default_factory=TrainingConfig)
     """Steps, seeds, checkpoints."""
+
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    """Benchmarks (MATH500, AIME, GPQA, LiveCodeBench) and how they are sampled and graded."""
 
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     """Metrics and progress."""
@@ -579,6 +662,46 @@ def _validate(cfg: Config, world_size: Optional[int]) -> None:
     for name in ("save_interval", "eval_interval"):
         if getattr(t, name) < 0:
             _fail(f"training.{name}", getattr(t, name), "an integer >= 0")
+    _validate_eval(cfg.eval)
+
+
+def _validate_eval(e: EvalConfig) -> None:
+    from megatron_mgrpo.evaluation.benchmarks import BENCHMARKS
+
+    known = " | ".join(BENCHMARKS)
+    for name in e.benchmarks:
+        _one_of("eval.benchmarks", name, tuple(BENCHMARKS))
+    if len(set(e.benchmarks)) != len(e.benchmarks):
+        _fail("eval.benchmarks", e.benchmarks, "each benchmark once")
+    for section in ("paths", "samples_by_benchmark", "templates"):
+        for name in getattr(e, section):
+            if name not in BENCHMARKS:
+                _fail(f"eval.{section}", name, f"keys among {known}")
+    _positive("eval.samples", e.samples)
+    for name, n in e.samples_by_benchmark.items():
+        _positive(f"eval.samples_by_benchmark.{name}", n)
+    for k in e.pass_k:
+        _positive("eval.pass_k", k)
+    if e.temperature < 0:
+        _fail("eval.temperature", e.temperature, "a number >= 0 (0 = greedy)")
+    if not 0 < e.top_p <= 1:
+        _fail("eval.top_p", e.top_p, "a number in (0, 1]")
+    _positive("eval.max_new_tokens", e.max_new_tokens)
+    for name in ("max_prompt_length", "max_problems", "interval"):
+        if getattr(e, name) < 0:
+            _fail(f"eval.{name}", getattr(e, name), "an integer >= 0")
+    if not e.code_timeout_s > 0:
+        _fail("eval.code_timeout_s", e.code_timeout_s, "a number > 0")
+    _positive("eval.code_workers", e.code_workers)
+    _positive("eval.prompts_per_call", e.prompts_per_call)
+    if e.livecodebench_dates is not None:
+        from megatron_mgrpo.evaluation.benchmarks import parse_date_range
+
+        try:
+            parse_date_range(e.livecodebench_dates)
+        except ValueError:
+            _fail("eval.livecodebench_dates", e.livecodebench_dates,
+                  "START:END with ISO dates (YYYY-MM-DD), either may be empty")
 
 
 def _validate_sglang(g: SGLangConfig) -> None:

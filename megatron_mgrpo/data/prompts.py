@@ -12,7 +12,8 @@ How files are read (offline, nothing is downloaded):
   not through `datasets`: its json loader fails on the first malformed line as a whole, and we
   want to skip and count bad lines instead. Blank lines are ignored (not rows).
 - `.json` holding one JSON array of objects is read with `json.load`.
-- `.parquet` goes through `datasets.load_dataset("parquet", data_files=..., split="train")`.
+- `.parquet` goes through `datasets.load_dataset("parquet", data_files=..., split="train")`,
+  `.csv` (GPQA's release format) likewise through its "csv" loader.
 
 Every row is validated; a bad row is skipped and counted under one reason, and the loader prints
 one line per file, e.g. `train.jsonl: 1000 rows, 3 skipped (2 malformed json, 1 over
@@ -107,8 +108,9 @@ def read_rows(path: str) -> Tuple[List[Optional[Dict[str, Any]]], str]:
     if os.path.isdir(path):
         raise DataError(f"{path}: is a directory; give a .jsonl or .parquet file")
     lower = path.lower()
-    if lower.endswith(".parquet"):
-        return _read_parquet(path), "parquet"
+    if lower.endswith((".parquet", ".csv")):
+        kind = "parquet" if lower.endswith(".parquet") else "csv"
+        return _read_with_datasets(path, kind), kind
     if lower.endswith((".jsonl", ".json")):
         with open(path, encoding="utf-8", errors="replace") as f:
             text = f.read()
@@ -129,19 +131,19 @@ def read_rows(path: str) -> Tuple[List[Optional[Dict[str, Any]]], str]:
                 row = None
             rows.append(row if isinstance(row, dict) else None)
         return rows, "jsonl"
-    raise DataError(f"{path}: unknown file type; accepted: .jsonl, .json, .parquet")
+    raise DataError(f"{path}: unknown file type; accepted: .jsonl, .json, .parquet, .csv")
 
 
-def _read_parquet(path: str) -> List[Dict[str, Any]]:
+def _read_with_datasets(path: str, kind: str) -> List[Dict[str, Any]]:
     import datasets
 
     quiet = datasets.is_progress_bar_enabled()
     if quiet:
         datasets.disable_progress_bars()
     try:
-        ds = datasets.load_dataset("parquet", data_files=os.path.abspath(path), split="train")
-    except Exception as e:  # a corrupt or non-parquet file
-        raise DataError(f"{path}: cannot read as parquet ({type(e).__name__}: {e})") from None
+        ds = datasets.load_dataset(kind, data_files=os.path.abspath(path), split="train")
+    except Exception as e:  # a corrupt file, or not of its extension's format
+        raise DataError(f"{path}: cannot read as {kind} ({type(e).__name__}: {e})") from None
     finally:
         if quiet:
             datasets.enable_progress_bars()

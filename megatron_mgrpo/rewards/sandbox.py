@@ -1,8 +1,9 @@
 """A sandbox for generated code: run one Python program in a limited, throw-away process.
 
 `run_python(code, stdin)` runs `code` as `__main__` in a fresh interpreter and reports what
-happened (`SandboxResult`); `run_tests(code, tests)` runs it once per stdin/stdout case, the
-LiveCodeBench way. The code grader uses both; they need nothing from the rest of the package.
+happened (`SandboxResult`); `run_tests(code, tests)` runs it once per stdin/stdout case (a
+process each: simple, and slower than the code grader, `rewards/code.py`, which runs all of a
+completion's tests in one `run_python` process). Neither needs the rest of the package.
 
 Threat model. This grades code written by the policy model: buggy, sometimes runaway (infinite
 loops, fork bombs, memory hogs, huge prints, stray network calls or writes), not a determined
