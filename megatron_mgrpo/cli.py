@@ -6,6 +6,7 @@
     mgrpo eval [CONFIG] --model HF_DIR --benchmarks math500,aime24,...   an HF model's scores
     mgrpo smoke CONFIG [--section.key value ...]   update steps on a fixed synthetic batch
     mgrpo serve --model HF_DIR [--host H] [--port P]  an SGLang-protocol rollout server (CPU)
+    mgrpo plan CONFIG --gpus N [--json]            memory per GPU of the layout (does it fit?)
     mgrpo config CONFIG [--section.key value ...]  print the resolved config (YAML)
     mgrpo config --help-fields                     every config field with its docstring
 
@@ -45,6 +46,27 @@ def _help_fields() -> str:
     return "\n".join(lines)
 
 
+def _plan(args, overrides: List[str]) -> int:
+    import dataclasses
+
+    from megatron_mgrpo.plan import format_plan, plan_memory
+
+    cfg = load_config(args.config, overrides, validate=False)
+    # The servers a job attaches to are known only once it runs (the slurm launchers pass
+    # them): a placeholder lets the rest of the config be checked.
+    if cfg.rollout.backend == "sglang" and not (cfg.sglang.urls or cfg.sglang.launch):
+        cfg = dataclasses.replace(cfg, sglang=dataclasses.replace(
+            cfg.sglang, urls=["http://rollout-server:30000"]))
+    gpus = args.gpus or (int(_world_size()) if "WORLD_SIZE" in __import__("os").environ
+                         else cfg.parallel.tensor_parallel * cfg.parallel.pipeline_parallel)
+    cfg.validate(world_size=gpus)
+    plan = plan_memory(cfg, gpus, args.gpu_memory_gib, args.rollout_servers, args.server_tp)
+    print(plan.to_json() if args.json else format_plan(plan))
+    for problem in plan.problems():
+        print(f"mgrpo plan: does not fit: {problem}", file=sys.stderr)
+    return 0 if plan.fits else 1
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(
         prog="mgrpo", description="M-GRPO self-supervised RL on megatron-core",
@@ -79,6 +101,16 @@ def main(argv: Optional[List[str]] = None) -> int:
     srv.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     srv.add_argument("--weight-version", default="default",
                      help="the version reported until the first weight update")
+    plan = sub.add_parser("plan", help="memory per GPU of a config's layout, before queueing")
+    plan.add_argument("config", help="YAML config file")
+    plan.add_argument("--gpus", type=int, default=None,
+                      help="training GPUs (default: WORLD_SIZE, else TP x PP)")
+    plan.add_argument("--gpu-memory-gib", type=float, default=80.0,
+                      help="memory of one GPU (default 80: H100-80GB)")
+    plan.add_argument("--rollout-servers", type=int, default=None,
+                      help="SGLang servers (default: sglang.urls or sglang.launch, else 1)")
+    plan.add_argument("--server-tp", type=int, default=1, help="GPUs per SGLang server (--tp)")
+    plan.add_argument("--json", action="store_true", help="one JSON object instead of text")
     show = sub.add_parser("config", help="print the resolved config")
     show.add_argument("config", nargs="?", help="YAML config file")
     show.add_argument("--help-fields", action="store_true",
@@ -106,6 +138,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         serve(args.model, args.host, args.port, args.dtype, args.weight_version)
         return 0
     try:
+        if args.command == "plan":
+            return _plan(args, overrides)
         if args.command == "config":
             if args.help_fields:
                 print(_help_fields())

@@ -128,6 +128,22 @@ def _patch_megatron_rng() -> None:
     mrandom._set_cuda_rng_state = lambda state, *a, **k: torch.set_rng_state(state)
 
 
+def _patch_megatron_masks() -> None:
+    # Activation recompute replays the forward inside autograd's backward, where the device
+    # mode is not on the stack: the causal mask must be built on the CPU by itself.
+    import functools
+
+    from megatron.core.fusions import fused_softmax
+    from megatron.core.transformer import utils
+
+    @functools.lru_cache(maxsize=None)
+    def causal_mask(sq: int) -> torch.Tensor:
+        return torch.triu(torch.ones(sq, sq), diagonal=1).bool()
+
+    utils.get_default_causal_mask = causal_mask
+    fused_softmax.get_default_causal_mask = causal_mask
+
+
 def apply_cpu_platform(force: bool = False) -> bool:
     """Install the CPU shim when no CUDA device is present (or when `force`).
 
@@ -141,6 +157,7 @@ def apply_cpu_platform(force: bool = False) -> bool:
             return False
         _stub_torch_cuda()
         _patch_megatron_rng()
+        _patch_megatron_masks()
         mode = _CudaToCpuMode()
         mode.__enter__()  # stays on the mode stack for the life of the process
         _APPLIED = True

@@ -269,6 +269,13 @@ class Trainer:
             flat = flat_metrics(doc)
         return _broadcast(flat, self.ctx)
 
+    def stop_requested(self) -> bool:
+        """Whether training.stop_file exists (rank 0 looks; every rank gets the answer)."""
+        if not self.cfg.training.stop_file:
+            return False
+        return _broadcast(self.is_main and os.path.exists(self.cfg.training.stop_file),
+                          self.ctx)
+
     def save(self) -> None:
         save_checkpoint(self.cfg.training.run_dir, self.step, self.policy, self.momentum,
                         {"data": self.sampler.state_dict(), "config": dump_config(self.cfg),
@@ -335,8 +342,14 @@ class Trainer:
             self.log.log(metrics)
             if self.step % cfg.logging.log_interval == 0:
                 self.log.write(f"step {self.step}: {_fmt(metrics)}")
-            if (t.save_interval and self.step % t.save_interval == 0) or self.step == t.steps:
+            saved = (t.save_interval and self.step % t.save_interval == 0) or self.step == t.steps
+            if saved:
                 self.save()
+            if self.stop_requested():  # e.g. slurm's time-limit signal: save, exit, requeue
+                if not saved:
+                    self.save()
+                self._say(f"stop requested ({t.stop_file}): saved step {self.step}, stopping")
+                break
         if self.is_main:
             plot_metrics(t.run_dir)
         self.log.close()

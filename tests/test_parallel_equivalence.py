@@ -55,14 +55,15 @@ def pg_loss(lp, ent, micro):
     return (per_token * mask).sum(), mask.sum(), {"ratio": (ratio * mask).sum()}
 
 
-def policy_worker(model_kw, tp, pp, dist_opt, full_sd, batch, steps):
+def policy_worker(model_kw, tp, pp, dist_opt, full_sd, batch, steps, recompute="none"):
     from megatron_mgrpo.config.schema import Config, ModelConfig, ParallelConfig
     from megatron_mgrpo.models.policy import MegatronPolicy
     from megatron_mgrpo.parallel import init_parallel
 
     cfg = Config(model=ModelConfig(**model_kw),
                  parallel=ParallelConfig(tensor_parallel=tp, pipeline_parallel=pp,
-                                         micro_batch_size=2, use_distributed_optimizer=dist_opt))
+                                         micro_batch_size=2, use_distributed_optimizer=dist_opt,
+                                         recompute=recompute))
     cfg.optimizer.lr = LR
     # Adam turns a gradient at fp-noise level (rows of rarely seen tokens) into a full +-lr
     # step; eps well above that noise keeps the comparison about the maths, not rounding.
@@ -151,3 +152,13 @@ def test_distributed_optimizer_dp2_matches_dp1(references):
     # The step really moved the weights (a no-op optimizer would pass the equalities above).
     moved = max((ref["final"][k] - ref["init"][k]).abs().max().item() for k in ref["init"])
     assert moved > 100 * WEIGHT_ATOL
+
+
+@pytest.mark.parametrize("recompute", ["selective", "full"])
+def test_activation_recompute_changes_nothing_but_memory(references, recompute):
+    """parallel.recompute reaches megatron-core (TP=2 here): the same log-probs, gradients and
+    steps as the TP=1 run that keeps every activation."""
+    ref, batch = references("qwen3")
+    runs = run_workers(policy_worker, 2, MODELS["qwen3"], 2, 1, False, ref["init"], batch, 2,
+                       recompute)
+    check_against(ref, runs)

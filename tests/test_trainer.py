@@ -133,6 +133,24 @@ def test_resumed_run_equals_uninterrupted(tiny_base, uninterrupted, tmp_path):
         assert [json.loads(line)["step"] for line in f] == [0, 1, 2, 3, 4]
 
 
+def test_a_stop_file_saves_and_stops_and_the_requeued_run_goes_on(tiny_base, uninterrupted,
+                                                                 tmp_path):
+    """What the slurm launchers do on the time-limit signal: the stop file makes the run save
+    after its current step and return; the requeued run resumes as if never stopped."""
+    _, (full, _) = uninterrupted
+    run_dir, stop = str(tmp_path / "run"), tmp_path / "STOP"
+    stop.write_text("")
+    (stopped, _), = run_workers(train_worker, 1, overrides(
+        tiny_base, run_dir, 4, "--training.stop_file", str(stop)))
+    assert [m["step"] for m in stopped] == [0, 1]
+    assert "step_0000001" in os.listdir(os.path.join(run_dir, "checkpoints"))
+    stop.unlink()
+    (resumed, _), = run_workers(train_worker, 1, overrides(
+        tiny_base, run_dir, 4, "--training.stop_file", str(stop), "--training.resume", "true"))
+    assert [m["step"] for m in resumed] == [2, 3, 4]
+    assert strip_timing(resumed) == strip_timing(full[2:])
+
+
 @pytest.mark.parametrize("layout", [["--parallel.tensor_parallel", "2"],
                                     ["--parallel.pipeline_parallel", "2"]], ids=["tp2", "pp2"])
 def test_two_process_layouts_run_the_same_loop(tiny_base, uninterrupted, tmp_path, layout):

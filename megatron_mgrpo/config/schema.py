@@ -88,6 +88,18 @@ class ModelConfig:
     params_dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
     """Precision of the model weights and compute. The optimizer keeps fp32 main params."""
 
+    fp8: Optional[Literal["e4m3", "hybrid"]] = None
+    """FP8 GEMMs through Transformer Engine (needs params_dtype bf16 and a GPU with FP8:
+    Hopper or newer): `e4m3` everywhere, or `hybrid` (e4m3 forward, e5m2 gradients). None: off."""
+
+    fp8_recipe: Literal["delayed", "tensorwise", "blockwise", "mxfp8"] = "delayed"
+    """FP8 scaling: `delayed` (amax history), `tensorwise` (current scaling), `blockwise`
+    (1x128 / 128x128 blocks), `mxfp8` (Blackwell only)."""
+
+    fp8_param_gather: bool = False
+    """Keep the weights in FP8 and all-gather them in FP8 (megatron's fp8_param; needs fp8 and
+    the distributed optimizer). Rollout weights are still pushed in bf16."""
+
     init_std: float = 0.02
     """Std of the normal init for freshly built (not loaded) weights."""
 
@@ -110,6 +122,10 @@ class ParallelConfig:
 
     use_distributed_optimizer: bool = True
     """Shard optimizer state (and the momentum model's EMA) over data-parallel ranks."""
+
+    recompute: Literal["none", "selective", "full"] = "none"
+    """Activation recomputation in the backward: `selective` recomputes the attention core,
+    `full` every layer from its input (least memory, about a third more compute)."""
 
     micro_batch_size: int = 4
     """Sequences per microbatch in the policy's forward/backward."""
@@ -367,6 +383,10 @@ class TrainingConfig:
     resume: bool = False
     """Continue from the newest checkpoint in run_dir."""
 
+    stop_file: Optional[str] = None
+    """When this file exists at the end of a step, save a checkpoint and stop (the slurm
+    launchers create it on the time-limit signal and requeue the job, which resumes)."""
+
 
 @dataclass
 class EvalConfig:
@@ -525,7 +545,17 @@ def _validate(cfg: Config, world_size: Optional[int]) -> None:
                            cfg.data, cfg.training)
     _one_of("model.architecture", m.architecture, ARCHITECTURES)
     _one_of("model.params_dtype", m.params_dtype, DTYPES)
+    if m.fp8 is not None:
+        _one_of("model.fp8", m.fp8, ("e4m3", "hybrid"))
+        _one_of("model.fp8_recipe", m.fp8_recipe, ("delayed", "tensorwise", "blockwise", "mxfp8"))
+        if m.params_dtype != "bf16":
+            _fail("model.params_dtype", m.params_dtype, "bf16 (model.fp8 trains in bf16 with "
+                  "FP8 GEMMs)")
+    if m.fp8_param_gather and (m.fp8 is None or not p.use_distributed_optimizer):
+        _fail("model.fp8_param_gather", True, "false, or true with model.fp8 set and "
+              "parallel.use_distributed_optimizer true")
     _one_of("parallel.backend", p.backend, ("auto", "nccl", "gloo"))
+    _one_of("parallel.recompute", p.recompute, ("none", "selective", "full"))
     _one_of("rollout.backend", r.backend, ("embedded", "sglang"))
     _one_of("algorithm.mode", a.mode, MODES)
     _one_of("algorithm.grader", a.grader, ("math", "multiple_choice"))

@@ -75,6 +75,9 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig, **overrides
         tensor_model_parallel_size=parallel.tensor_parallel,
         pipeline_model_parallel_size=parallel.pipeline_parallel,
         sequence_parallel=parallel.sequence_parallel,
+        recompute_granularity=None if parallel.recompute == "none" else parallel.recompute,
+        **({"recompute_method": "uniform", "recompute_num_layers": 1}
+           if parallel.recompute == "full" else {}),
         params_dtype=dtype,
         pipeline_dtype=dtype,
         bf16=dtype is torch.bfloat16,
@@ -91,8 +94,31 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig, **overrides
         apply_rope_fusion=False,
         cross_entropy_loss_fusion=False,
     )
+    if m.fp8 is not None:
+        kwargs.update(fp8=m.fp8, fp8_recipe=m.fp8_recipe, fp8_param=m.fp8_param_gather)
+        _check_fp8_hardware(m, te)
     kwargs.update(overrides)
     return TransformerConfig(**kwargs)
+
+
+def _check_fp8_hardware(m: ModelConfig, te: bool) -> None:
+    """FP8 needs Transformer Engine and a GPU that has it; say so before megatron fails deep
+    inside a kernel."""
+    if not cuda_available():
+        raise ConfigError(f"model.fp8: got {m.fp8!r}; accepted here: null (FP8 needs a CUDA GPU "
+                          "with FP8, Hopper or newer, and Transformer Engine; this machine has "
+                          "no GPU)")
+    if not te:
+        raise ConfigError(f"model.fp8: got {m.fp8!r}; accepted here: null (Transformer Engine "
+                          "is not installed: pip install -e .[gpu])")
+    major, minor = torch.cuda.get_device_capability()
+    if (major, minor) < (8, 9):
+        raise ConfigError(f"model.fp8: got {m.fp8!r}; accepted here: null (this GPU, compute "
+                          f"capability {major}.{minor}, has no FP8; Ada 8.9 or Hopper 9.0+)")
+    if m.fp8_recipe == "mxfp8" and major < 10:
+        raise ConfigError(f"model.fp8_recipe: got 'mxfp8'; accepted here: delayed | tensorwise "
+                          f"| blockwise (MXFP8 needs Blackwell, compute capability 10+; this "
+                          f"GPU is {major}.{minor})")
 
 
 def layer_spec(m: ModelConfig):

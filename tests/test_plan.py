@@ -1,0 +1,118 @@
+"""`mgrpo plan`: exact parameter counts (published totals, transformers' own models) and the
+per-GPU memory parts against hand-computed bytes; the example configs' layouts fit."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from megatron_mgrpo.config import load_config
+from megatron_mgrpo.config.schema import ModelConfig
+from megatron_mgrpo.plan import GIB, OVERHEAD_GIB, count_parameters, plan_memory
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+LLAMA3_8B = dict(architecture="llama", vocab_size=128256, hidden_size=4096,
+                 intermediate_size=14336, num_layers=32, num_attention_heads=32,
+                 num_key_value_heads=8)
+LLAMA3_70B = dict(architecture="llama", vocab_size=128256, hidden_size=8192,
+                  intermediate_size=28672, num_layers=80, num_attention_heads=64,
+                  num_key_value_heads=8)
+QWEN3_4B = dict(architecture="qwen3", vocab_size=151936, hidden_size=2560,
+                intermediate_size=9728, num_layers=36, num_attention_heads=32,
+                num_key_value_heads=8, head_dim=128, tie_word_embeddings=True)
+
+
+@pytest.mark.parametrize("kw, published", [
+    (LLAMA3_8B, 8_030_261_248),    # meta-llama/Meta-Llama-3-8B safetensors total
+    (LLAMA3_70B, 70_553_706_496),  # meta-llama/Meta-Llama-3-70B
+    (QWEN3_4B, 4_022_468_096),     # Qwen/Qwen3-4B-Base
+], ids=["llama3-8b", "llama3-70b", "qwen3-4b"])
+def test_parameter_counts_match_the_published_totals(kw, published):
+    got = count_parameters(ModelConfig(**kw))["total"]
+    assert abs(got - published) / published < 0.005
+    assert got == published
+
+
+@pytest.mark.parametrize("kw", [
+    dict(architecture="qwen2", vocab_size=96, hidden_size=64, intermediate_size=128,
+         num_layers=3, num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True),
+    dict(architecture="qwen3", vocab_size=101, hidden_size=64, intermediate_size=96,
+         num_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=24),
+    dict(architecture="llama", vocab_size=80, hidden_size=32, intermediate_size=64,
+         num_layers=2, num_attention_heads=4),
+], ids=["qwen2-tied-bias", "qwen3-qknorm-headdim", "llama-mha"])
+def test_parameter_counts_equal_transformers_models(kw):
+    from tests.test_hf_reference import hf_model
+
+    model = hf_model(kw)
+    assert count_parameters(ModelConfig(**kw))["total"] == sum(p.numel()
+                                                               for p in model.parameters())
+
+
+def test_memory_parts_by_hand():
+    """A 2-layer model, TP 1 x PP 2 x DP 2, bf16, distributed optimizer, mgrpo."""
+    kw = dict(architecture="llama", vocab_size=1000, hidden_size=64, intermediate_size=128,
+              num_layers=2, num_attention_heads=4, num_key_value_heads=2)
+    model = [x for k, v in kw.items() for x in (f"--model.{k}", str(v))]
+    cfg = load_config(None, [*model, "--model.params_dtype", "bf16",
+                             "--parallel.pipeline_parallel", "2", "--parallel.micro_batch_size",
+                             "2", "--data.max_prompt_length", "100",
+                             "--rollout.max_new_tokens", "28"], world_size=4)
+    plan = plan_memory(cfg, num_gpus=4)
+    h, inter, v, s, b = 64, 128, 1000, 128, 2
+    kv = 2 * (h // 4)  # 2 KV heads of width 16
+    layer = h * h + 2 * h * kv + h * h + 3 * h * inter + 2 * h  # q, k+v, o, SwiGLU, 2 norms
+    first = layer + v * h          # stage 0: one layer and the embedding
+    last = layer + h + v * h       # stage 1: one layer, the final norm, the LM head
+    n = max(first, last)
+    assert plan.layout == {"tp": 1, "pp": 2, "dp": 2, "gpus": 4, "micro_batch_size": 2,
+                           "seq_len": 128, "rollout_servers": 1, "server_tp": 1}
+    gib = plan.per_gpu
+    assert gib["params"] * GIB == pytest.approx(2 * n)
+    assert gib["grads"] * GIB == pytest.approx(4 * n)
+    assert gib["optimizer"] * GIB == pytest.approx(12 * n / 2)  # fp32 main + m + v, / DP
+    assert gib["ema"] * GIB == pytest.approx(4 * n / 2)
+    # Stage 1 (last): one microbatch in flight; the logits and their gradient in fp32.
+    per_layer = 2 * s * b * (4 * h + (h + 2 * kv) + 3 * inter + h)
+    assert gib["activations"] * GIB == pytest.approx(per_layer)
+    assert gib["logits"] * GIB == pytest.approx(2 * 4 * s * b * v)
+    assert gib["overhead"] == OVERHEAD_GIB
+    assert plan.per_gpu_peak_gib == pytest.approx(sum(gib.values()))
+    srt = plan_memory(load_config(None, [*model, "--algorithm.mode", "srt",
+                                         "--rollout.num_momentum_rollouts", "0"]), 1)
+    assert srt.per_gpu["ema"] == 0.0  # no momentum model outside mgrpo
+
+
+def plan_cli(*args):
+    return subprocess.run([sys.executable, "-m", "megatron_mgrpo.cli", "plan", *args],
+                          capture_output=True, text=True, cwd=ROOT, timeout=120)
+
+
+@pytest.mark.parametrize("config, gpus, servers, server_tp", [
+    ("examples/llama3_70b.yaml", 64, 4, 8),   # slurm/mgrpo_70b.sh: 8 nodes x 8, 4 servers
+    ("examples/llama3_8b.yaml", 16, 8, 1),    # slurm/mgrpo_8b.sh
+    ("examples/qwen3_4b_base.yaml", 8, 8, 1),  # slurm/mgrpo_smoke.sh
+])
+def test_the_launchers_layouts_fit_on_h100_80gb(config, gpus, servers, server_tp):
+    run = plan_cli(config, "--gpus", str(gpus), "--rollout-servers", str(servers),
+                   "--server-tp", str(server_tp), "--json")
+    assert run.returncode == 0, run.stderr
+    plan = json.loads(run.stdout)
+    assert plan["per_gpu_peak_gib"] < 75 and plan["fits"]
+    assert set(plan["per_gpu_gib"]) == {"params", "grads", "optimizer", "ema", "activations",
+                                        "logits", "overhead"}
+    assert plan["layout"]["gpus"] == gpus
+
+
+def test_a_config_that_does_not_fit_is_refused_with_what_to_change():
+    run = plan_cli("examples/llama3_70b.yaml", "--gpus", "8", "--parallel.pipeline_parallel",
+                   "1")
+    assert run.returncode == 1
+    assert "DOES NOT FIT" in run.stdout
+    assert "mgrpo plan: does not fit: training:" in run.stderr
+    assert "parallel.recompute" in run.stderr and "Traceback" not in run.stderr
+    run = plan_cli("examples/llama3_70b.yaml", "--gpus", "60")
+    assert run.returncode == 2 and "config error" in run.stderr
