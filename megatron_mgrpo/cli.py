@@ -48,6 +48,7 @@ def _help_fields() -> str:
 
 def _plan(args, overrides: List[str]) -> int:
     import dataclasses
+    import os
 
     from megatron_mgrpo.plan import format_plan, plan_memory
 
@@ -57,8 +58,8 @@ def _plan(args, overrides: List[str]) -> int:
     if cfg.rollout.backend == "sglang" and not (cfg.sglang.urls or cfg.sglang.launch):
         cfg = dataclasses.replace(cfg, sglang=dataclasses.replace(
             cfg.sglang, urls=["http://rollout-server:30000"]))
-    gpus = args.gpus or (int(_world_size()) if "WORLD_SIZE" in __import__("os").environ
-                         else cfg.parallel.tensor_parallel * cfg.parallel.pipeline_parallel)
+    gpus = args.gpus or int(os.environ.get(
+        "WORLD_SIZE", cfg.parallel.tensor_parallel * cfg.parallel.pipeline_parallel))
     cfg.validate(world_size=gpus)
     plan = plan_memory(cfg, gpus, args.gpu_memory_gib, args.rollout_servers, args.server_tp)
     print(plan.to_json() if args.json else format_plan(plan))
