@@ -142,6 +142,7 @@ def plan_memory(cfg: Config, num_gpus: int, gpu_memory_gib: float = 80.0,
                 mem_fraction: float = 0.85) -> MemoryPlan:
     """The memory plan of `cfg` on `num_gpus` training GPUs (see the module docstring)."""
     from megatron_mgrpo.models.architecture import complete
+    from megatron_mgrpo.models.gpt import padded_vocab_size
 
     m = complete(cfg.model)
     p, r, d, a = cfg.parallel, cfg.rollout, cfg.data, cfg.algorithm
@@ -149,12 +150,11 @@ def plan_memory(cfg: Config, num_gpus: int, gpu_memory_gib: float = 80.0,
     if num_gpus % (tp * pp):
         raise ValueError(f"{num_gpus} GPUs do not divide into TP={tp} x PP={pp}")
     dp = num_gpus // (tp * pp)
-    step = m.make_vocab_size_divisible_by * tp
-    vocab = -(-m.vocab_size // step) * step
+    vocab = padded_vocab_size(m, tp)
     weight_bytes = 1 if m.fp8_param_gather else BYTES[m.params_dtype]
     shard = 1 if not p.use_distributed_optimizer else dp
     s = d.max_prompt_length + r.max_new_tokens
-    recompute = getattr(p, "recompute", "none")
+    recompute = p.recompute
     worst = None
     for stage in range(pp):
         n = _stage_parameters(m, tp, pp, stage, vocab)

@@ -95,22 +95,22 @@ def run_benchmarks(engine, tokenizer: Tokenizer, benchmarks: Sequence[Benchmark]
                      "max_new_tokens": cfg.max_new_tokens, "seed": cfg.seed,
                      "chat_template": cfg.chat_template},
         "benchmarks": {}}
+    params = SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p,
+                            max_new_tokens=cfg.max_new_tokens,
+                            stop_token_ids=list(tokenizer.stop_ids), seed=cfg.seed)
     for bench in benchmarks:
         k = cfg.samples_by_benchmark.get(bench.name, cfg.samples)
-        params = SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p,
-                                max_new_tokens=cfg.max_new_tokens,
-                                stop_token_ids=list(tokenizer.stop_ids), seed=cfg.seed)
         kept, ids = [], []
         for p in bench.problems:
             pid = prompt_ids(tokenizer, p.prompt, cfg.chat_template)
             if len(pid) <= limit:
                 kept.append(p)
                 ids.append(pid)
-        skipped = {f"prompt over {limit} tokens": len(bench.problems) - len(kept)} \
-            if len(kept) < len(bench.problems) else {}
-        if skipped:
-            log(f"eval: {bench.name}: {len(bench.problems) - len(kept)} problem(s) left out: "
-                f"prompt longer than {limit} tokens")
+        left_out = len(bench.problems) - len(kept)
+        skipped = {f"prompt over {limit} tokens": left_out} if left_out else {}
+        if left_out:
+            log(f"eval: {bench.name}: {left_out} problem(s) left out: prompt longer than "
+                f"{limit} tokens")
         entry: Dict[str, Any] = {"grader": bench.grader, "files": bench.files, "samples": k,
                                  "problems_loaded": len(bench.problems),
                                  "problems_scored": len(kept), "skipped": skipped}
