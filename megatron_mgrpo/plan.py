@@ -21,8 +21,9 @@ LM head). Memory per training GPU is the worst pipeline stage's, in these parts:
 - `overhead`: CUDA context, NCCL buffers and allocator fragmentation, a flat allowance.
 
 The sequence length is data.max_prompt_length + rollout.max_new_tokens. The rollout side (SGLang
-servers on their own GPUs) is planned as bf16 weights / server TP plus the KV cache the step's
-sequences need spread over the servers, against `mem_fraction` of a GPU. These are estimates of
+servers on their own GPUs) is planned as bf16 weights (FP8 with `rollout.weight_format: fp8`) /
+server TP plus the KV cache the step's sequences need spread over the servers, against
+`mem_fraction` of a GPU. These are estimates of
 the kind Megatron's own memory report makes (Korthikanti et al. 2022), not measurements.
 """
 
@@ -67,12 +68,34 @@ def count_parameters(model: ModelConfig) -> Dict[str, int]:
     return out
 
 
+def rollout_weight_bytes(model: ModelConfig, weight_format: str = "bf16",
+                         block_size: int = 128) -> int:
+    """Bytes of the rollout engine's copy of the model: bf16, or with `weight_format` fp8 the
+    layers' linear weights in one byte each plus their fp32 scales (`weights.fp8`)."""
+    from megatron_mgrpo.models.architecture import complete
+
+    m = complete(model)
+    total = count_parameters(m)["total"]
+    if weight_format != "fp8":
+        return 2 * total
+    h, q, kv = m.hidden_size, m.num_attention_heads * m.head_dim, \
+        m.num_key_value_heads * m.head_dim
+    f = m.intermediate_size
+    shapes = [(q, h), (kv, h), (kv, h), (h, q), (f, h), (f, h), (h, f)]  # [out, in] each
+    linear = m.num_layers * sum(a * b for a, b in shapes)
+    scales = m.num_layers * sum((-(-a // block_size) * -(-b // block_size)) if block_size > 0
+                                else 1 for a, b in shapes)
+    return linear + 4 * scales + 2 * (total - linear)
+
+
 @dataclass
 class MemoryPlan:
     """A config's memory per GPU, in GiB."""
 
     params_total: int
-    layout: Dict[str, int]
+    layout: Dict[str, object]
+    """tp, pp, dp, gpus, micro_batch_size, seq_len, rollout_servers, server_tp (ints) and
+    rollout_weights (bf16 | fp8)."""
     per_gpu: Dict[str, float]
     """Training GPU of the worst pipeline stage: params, grads, optimizer, ema, activations,
     logits, overhead."""
@@ -183,13 +206,15 @@ def plan_memory(cfg: Config, num_gpus: int, gpu_memory_gib: float = 80.0,
     kv_per_token = 2 * m.num_layers * m.num_key_value_heads * m.head_dim * 2
     sequences = d.prompts_per_step * (r.num_policy_rollouts + r.num_momentum_rollouts)
     kv = sequences * s * kv_per_token / servers / server_tp / GIB
-    weights = total * 2 / server_tp / GIB
+    weights = rollout_weight_bytes(cfg.model, r.weight_format, r.fp8_block_size) \
+        / server_tp / GIB
     capacity = gpu_memory_gib * mem_fraction
     rollout = {"weights_gib": weights, "kv_cache_gib": kv, "capacity_gib": capacity,
                "kv_fits": min(1.0, max(0.0, capacity - weights) / kv) if kv else 1.0}
     return MemoryPlan(total, {"tp": tp, "pp": pp, "dp": dp, "gpus": num_gpus,
                               "micro_batch_size": p.micro_batch_size, "seq_len": s,
-                              "rollout_servers": servers, "server_tp": server_tp},
+                              "rollout_servers": servers, "server_tp": server_tp,
+                              "rollout_weights": "fp8" if r.weight_format == "fp8" else "bf16"},
                       worst, sum(worst.values()), gpu_memory_gib, rollout)
 
 
@@ -203,8 +228,8 @@ def format_plan(plan: MemoryPlan) -> str:
     lines += [f"  {k:<12}{v:8.2f}" for k, v in plan.per_gpu.items()]
     lines.append(f"  {'peak':<12}{plan.per_gpu_peak_gib:8.2f}  of {plan.gpu_memory_gib:g}")
     ro = plan.rollout
-    lines.append(f"rollout: {L['rollout_servers']} server(s) x TP {L['server_tp']}: weights "
-                 f"{ro['weights_gib']:.2f} GiB/GPU, KV cache for the whole step "
+    lines.append(f"rollout: {L['rollout_servers']} server(s) x TP {L['server_tp']}: "
+                 f"{L['rollout_weights']} weights {ro['weights_gib']:.2f} GiB/GPU, KV cache for the whole step "
                  f"{ro['kv_cache_gib']:.2f} GiB/GPU of {ro['capacity_gib']:.1f} usable "
                  f"({math.floor(ro['kv_fits'] * 100)}% of the step's sequences at once)")
     lines.append("fits" if plan.fits else "DOES NOT FIT")

@@ -27,7 +27,7 @@ import torch.distributed as dist
 
 from megatron_mgrpo.checkpoint import latest_step, load_checkpoint, save_checkpoint, step_dir
 from megatron_mgrpo.config import dump_config
-from megatron_mgrpo.config.schema import Config
+from megatron_mgrpo.config.schema import Config, ConfigError
 from megatron_mgrpo.eval_metrics import sample_accuracy
 from megatron_mgrpo.models.architecture import complete, hf_config_dict
 from megatron_mgrpo.models.policy import MegatronPolicy
@@ -139,13 +139,48 @@ class Trainer:
         if self.cfg.rollout.backend == "sglang":
             from megatron_mgrpo.rollout.sglang_engine import make_sglang_engine
 
-            return make_sglang_engine(self.cfg.sglang, self.cfg.model.load,
-                                      self.cfg.rollout.weight_bucket_mb * 2 ** 20,
-                                      self.cfg.training.run_dir,
-                                      hf_config_dict(complete(self.cfg.model)), log=self._say)
+            r, model_path = self.cfg.rollout, self.cfg.model.load
+            if r.weight_format == "fp8" and self.cfg.sglang.launch:
+                model_path = self._fp8_base(model_path, r.fp8_block_size)
+            return make_sglang_engine(self.cfg.sglang, model_path, r.weight_bucket_mb * 2 ** 20,
+                                      self.cfg.training.run_dir, self._rollout_hf_config(),
+                                      log=self._say)
         from megatron_mgrpo.rollout.embedded import EmbeddedEngine
 
-        return EmbeddedEngine(hf_config_dict(complete(self.cfg.model)))
+        return EmbeddedEngine(self._rollout_hf_config())
+
+    def _rollout_hf_config(self) -> dict:
+        """The HF config of the model the engine serves (FP8 weights: with their format)."""
+        hf_config = hf_config_dict(complete(self.cfg.model))
+        if self.cfg.rollout.weight_format == "fp8":
+            from megatron_mgrpo.weights.fp8 import quantization_config
+
+            hf_config["quantization_config"] = quantization_config(
+                self.cfg.rollout.fp8_block_size)
+        return hf_config
+
+    def _fp8_base(self, model_path: str, block_size: int) -> str:
+        """The FP8 copy of model.load that launched servers start from (made once per run):
+        SGLang only takes FP8 weight updates into a model it loaded as FP8."""
+        from megatron_mgrpo.weights.fp8 import quantize_hf_dir
+
+        if not model_path or not os.path.isdir(model_path):
+            raise ConfigError("rollout.weight_format fp8 with sglang.launch: the servers start "
+                              f"from an FP8 copy of model.load, an HF directory; got "
+                              f"{model_path!r}")
+        out = os.path.join(self.cfg.training.run_dir, f"rollout_base_fp8_b{block_size}")
+        if not os.path.isdir(out):
+            self._say(f"rollout: writing the FP8 copy of {model_path} that servers start from "
+                      f"-> {out}")
+            quantize_hf_dir(model_path, out, block_size, log=self._say)
+        return out
+
+    def push_args(self) -> dict:
+        """How weights reach the engine (rollout.weight_format)."""
+        r = self.cfg.rollout
+        return {"bucket_bytes": r.weight_bucket_mb * 2 ** 20,
+                "dtype": torch.bfloat16 if r.weight_format == "bf16" else None,
+                "fp8_block_size": r.fp8_block_size if r.weight_format == "fp8" else None}
 
     def _sampling(self, seed: int, n_tokens: Optional[int] = None, temperature=None):
         from megatron_mgrpo.rollout.base import SamplingParams
@@ -158,13 +193,12 @@ class Trainer:
     def push_weights(self, momentum_too: bool) -> Dict[str, float]:
         from megatron_mgrpo.weights.push import push_weights
 
-        bucket = self.cfg.rollout.weight_bucket_mb * 2 ** 20
         t0 = time.time()
         push_weights(self.engine, self.policy, model="policy", version=self.step,
-                     bucket_bytes=bucket)
+                     **self.push_args())
         if momentum_too and self.momentum is not None:
             push_weights(self.engine, self.policy, model="momentum", version=self.step,
-                         bucket_bytes=bucket, momentum=self.momentum)
+                         momentum=self.momentum, **self.push_args())
         return {"push_time_s": time.time() - t0}
 
     def rollout(self, prompt_ids: List[List[int]]) -> RolloutBatch:
@@ -185,6 +219,16 @@ class Trainer:
         groups = _broadcast(groups, self.ctx)
         return build_batch(prompt_ids, groups, self.grader.extract, self.tokenizer.decode,
                            self.tokenizer.pad_id)
+
+    def _logprob_gap(self, batch: RolloutBatch, policy_logprobs: torch.Tensor) -> float:
+        """Mean |engine - trainer| log-prob over the policy's completion tokens: the mismatch
+        between the weights that sampled and the weights that train (FP8 rollout weights,
+        kernels, a stale push would all show here)."""
+        rows = torch.arange(batch.input_ids.shape[0])
+        mask = batch.completion_mask * ((rows % self.plan.group_size) < self.plan.num_policy
+                                        ).float()[:, None]
+        gap = (batch.behaviour_logprobs - policy_logprobs.float().cpu()).abs() * mask
+        return float(gap.sum() / mask.sum().clamp(min=1))
 
     def update(self, batch: RolloutBatch, advantages: torch.Tensor, loss_mask: torch.Tensor,
                old_logprobs: torch.Tensor) -> Dict[str, float]:
@@ -329,6 +373,7 @@ class Trainer:
                                       torch.Generator().manual_seed(t.seed + self.step))
             plan = plan_update(scored, self.plan, a, entropy, batch.completion_mask, trained)
             metrics = {"step": self.step, **plan.metrics,
+                       "rollout_logprob_gap": self._logprob_gap(batch, old_logprobs),
                        **self.update(batch, plan.advantages, plan.loss_mask, old_logprobs)}
             metrics.update(self.push_weights(
                 momentum_too=self.step % cfg.rollout.momentum_push_interval == 0))

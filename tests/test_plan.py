@@ -69,7 +69,8 @@ def test_memory_parts_by_hand():
     last = layer + h + v * h       # stage 1: one layer, the final norm, the LM head
     n = max(first, last)
     assert plan.layout == {"tp": 1, "pp": 2, "dp": 2, "gpus": 4, "micro_batch_size": 2,
-                           "seq_len": 128, "rollout_servers": 1, "server_tp": 1}
+                           "seq_len": 128, "rollout_servers": 1, "server_tp": 1,
+                           "rollout_weights": "bf16"}
     gib = plan.per_gpu
     assert gib["params"] * GIB == pytest.approx(2 * n)
     assert gib["grads"] * GIB == pytest.approx(4 * n)
@@ -89,6 +90,24 @@ def test_memory_parts_by_hand():
 def plan_cli(*args):
     return subprocess.run([sys.executable, "-m", "megatron_mgrpo.cli", "plan", *args],
                           capture_output=True, text=True, cwd=ROOT, timeout=120)
+
+
+def test_fp8_rollout_weights_by_hand():
+    """Llama-3-8B: per layer q, o 4096 x 4096, k, v 1024 x 4096, gate, up, down 14336 x 4096
+    in FP8 (218,103,808 bytes) with 128 x 128 tile scales (32*32*2 + 8*32*2 + 112*32*3 =
+    13,312 fp32); the rest (1,050,939,392 parameters) in bf16."""
+    from megatron_mgrpo.plan import rollout_weight_bytes
+
+    m = ModelConfig(**LLAMA3_8B)
+    assert rollout_weight_bytes(m) == 2 * 8_030_261_248
+    assert rollout_weight_bytes(m, "fp8", 128) == \
+        32 * 218_103_808 + 4 * 32 * 13_312 + 2 * 1_050_939_392
+    assert rollout_weight_bytes(m, "fp8", 0) == 32 * 218_103_808 + 4 * 32 * 7 + \
+        2 * 1_050_939_392
+    cfg = load_config(None, ["--rollout.weight_format", "fp8"])
+    plain = load_config(None, [])
+    assert plan_memory(cfg, 1).rollout["weights_gib"] < plan_memory(plain, 1).rollout[
+        "weights_gib"]
 
 
 @pytest.mark.parametrize("config, gpus, servers, server_tp", [

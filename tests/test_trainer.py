@@ -11,7 +11,7 @@ from tests.distributed import run_workers
 
 REQUIRED = ("step", "reward_mean", "entropy_mean", "entropy_q1", "entropy_q3",
             "iqr_dropped_frac", "vote_agreement", "pseudo_label_acc", "loss", "grad_norm",
-            "step_time_s")
+            "step_time_s", "rollout_logprob_gap")
 TIMING = ("step_time_s", "push_time_s")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -188,6 +188,34 @@ def test_the_sglang_backend_runs_the_same_loop(tiny_base, uninterrupted, tmp_pat
         for k in ("loss", "entropy_mean", "val_token_logprob"):
             if k in want:
                 assert got[k] == pytest.approx(want[k], abs=1e-4), (got["step"], k)
+
+
+def test_fp8_rollout_weights_through_both_backends(tiny_base, uninterrupted, tmp_path):
+    """rollout.weight_format fp8: the embedded engine and a launched `mgrpo serve` (started
+    from the FP8 copy of the base that the trainer writes) sample from the same FP8 weights,
+    so the same completions; the engine's log-probs now differ from the trainer's."""
+    import sys
+
+    _, (full, _) = uninterrupted
+    fp8 = ["--rollout.weight_format", "fp8", "--rollout.fp8_block_size", "32"]
+    (embedded, _), = run_workers(train_worker, 1, overrides(
+        tiny_base, str(tmp_path / "embedded"), 2, *fp8))
+    serve = f"{sys.executable} -m megatron_mgrpo.cli serve --model {{model}} --port {{port}}"
+    (served, versions), = run_workers(train_worker, 1, overrides(
+        tiny_base, str(tmp_path / "served"), 2, *fp8, "--rollout.backend", "sglang",
+        "--sglang.launch", "1", "--sglang.launch_command", serve))
+    assert versions == (2, 2)
+    with open(tmp_path / "served" / "rollout_base_fp8_b32" / "config.json") as f:
+        assert json.load(f)["quantization_config"]["weight_block_size"] == [32, 32]
+    for got, want in zip(served, embedded):
+        for k in ("reward_mean", "vote_agreement", "completion_len", "val_accuracy"):
+            assert got.get(k) == want.get(k), (got["step"], k)
+        if got["step"] > 0:
+            assert got["rollout_logprob_gap"] == pytest.approx(want["rollout_logprob_gap"],
+                                                               rel=1e-3)
+    trained = [m for m in full if m["step"] > 0]
+    assert max(m["rollout_logprob_gap"] for m in trained) < 1e-4  # fp32 weights: same model
+    assert min(m["rollout_logprob_gap"] for m in embedded if m["step"] > 0) > 1e-3
 
 
 @pytest.mark.parametrize("mode", [

@@ -13,6 +13,7 @@ import torch
 from megatron_mgrpo.config.schema import ModelConfig
 from megatron_mgrpo.weights.push import PushStats, bucketize
 from tests.distributed import run_workers
+from tests.test_fp8_rollout import expected_weights
 from tests.test_hf_reference import ARCHS, hf_model
 
 TINY_BUCKET = 4096  # bytes: most tensors go alone, a few small ones share
@@ -83,6 +84,15 @@ def push_worker(arch, tp, pp, ids):
     if main:
         out["engine_policy_tiny"] = engine.hf_model("policy").state_dict()
 
+    # FP8 (rollout.weight_format fp8): each stage quantises its own weights; in tiny buckets
+    # a weight and its scale must still travel together (the engine refuses them apart)
+    fp8_engine = EmbeddedEngine({**hf_config_dict(m), "quantization_config": {
+        "quant_method": "fp8", "weight_block_size": [4, 4]}}) if main else None
+    out["stats_fp8"] = push_weights(fp8_engine, policy, "policy", version=6,
+                                    bucket_bytes=TINY_BUCKET, fp8_block_size=4)
+    if main:
+        out["engine_fp8"] = fp8_engine.hf_model("policy").state_dict()
+
     # an engine that rejects the update (wrong shapes): every rank raises, nobody hangs
     bad = EmbeddedEngine(hf_config_dict(ModelConfig(**{**kw, "intermediate_size": 32}))) \
         if main else None
@@ -137,6 +147,11 @@ def test_push_reaches_the_engine(arch, tp, pp, world):
     assert r["bad_version"] is None and r["final_version"] == 5
     for res in results[1:]:
         assert isinstance(res["stats_policy"], PushStats)
+    # FP8: the engine holds exactly what a tile-by-tile quantiser makes of the policy
+    for k, v in expected_weights(r["want_policy"].items(), 4).items():
+        assert torch.equal(r["engine_fp8"][k], v), k
+    fp8_stats = r["stats_fp8"]
+    assert fp8_stats.tensors > one.tensors and fp8_stats.bytes < one.bytes / 2  # 1 B vs 4 B
 
 
 def test_bucketize_bounds_bucket_sizes():

@@ -159,6 +159,16 @@ class RolloutConfig:
     weight_bucket_mb: int = 512
     """Size bound of one weight-push bucket, in MiB (the push streams bucket by bucket)."""
 
+    weight_format: Literal["native", "bf16", "fp8"] = "native"
+    """Weights as the engine receives them: `native` (the training parameters' dtype: bf16
+    with model.params_dtype bf16), `bf16`, or `fp8` (the layers' linear weights in E4M3 with
+    scales, the rest bf16: SGLang's `quant_method: fp8` checkpoint format; launched servers
+    start from an FP8 copy of model.load, attached ones must serve an FP8 checkpoint)."""
+
+    fp8_block_size: int = 128
+    """FP8 scaling granularity: one scale per N x N tile (`weight_scale_inv`), or 0 for one
+    per tensor (`weight_scale`)."""
+
     momentum_push_interval: int = 1
     """Push momentum weights to the engine every this many steps (it moves slowly)."""
 
@@ -687,6 +697,10 @@ def _validate(cfg: Config, world_size: Optional[int]) -> None:
     _positive("training.steps", t.steps)
     _positive("training.eval_samples", t.eval_samples)
     _positive("rollout.weight_bucket_mb", r.weight_bucket_mb)
+    _one_of("rollout.weight_format", r.weight_format, ("native", "bf16", "fp8"))
+    if r.fp8_block_size < 0:
+        _fail("rollout.fp8_block_size", r.fp8_block_size,
+              "an integer >= 0 (0: one scale per tensor)")
     if r.backend == "sglang":
         _validate_sglang(cfg.sglang)
     for name in ("save_interval", "eval_interval"):

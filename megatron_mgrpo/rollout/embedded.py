@@ -75,7 +75,13 @@ class EmbeddedEngine(RolloutEngine):
 
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size: got {max_batch_size}; accepted: an integer >= 1")
-        self.config = AutoConfig.for_model(**hf_config)
+        from megatron_mgrpo.weights.fp8 import block_size_of
+
+        # FP8 weights (an FP8 checkpoint, FP8 updates) are dequantised as they arrive: the
+        # models here stay plain, and the config's tile size says how to read block scales.
+        self.fp8_block_size = block_size_of(hf_config)
+        self.config = AutoConfig.for_model(**{k: v for k, v in hf_config.items()
+                                              if k != "quantization_config"})
         self.dtype = dtype
         self.device = torch.device(device)
         self.max_batch_size = max_batch_size
@@ -118,12 +124,34 @@ class EmbeddedEngine(RolloutEngine):
             self._cache_kw = "cache" if "cache" in fwd else "past_key_values"
 
     def load_pretrained(self, model: str, path: str, version: Optional[int] = None) -> None:
-        """Replace weight set `model` with the HF checkpoint at `path` (local files only)."""
+        """Replace weight set `model` with the HF checkpoint at `path` (local files only).
+        An FP8 checkpoint (`weights.fp8`) is read by name and dequantised."""
         from transformers import AutoModelForCausalLM
 
+        from megatron_mgrpo.models.architecture import read_hf_config
+        from megatron_mgrpo.weights.fp8 import block_size_of, is_fp8_config
+
         self._set(model)
-        loaded = AutoModelForCausalLM.from_pretrained(path, local_files_only=True)
-        self._install(model, loaded)
+        hf_config = read_hf_config(path)
+        if is_fp8_config(hf_config):
+            from megatron_mgrpo.weights.hf_io import HFCheckpoint
+
+            if block_size_of(hf_config) != self.fp8_block_size:
+                raise WeightUpdateError(
+                    f"{path}: FP8 tiles of {block_size_of(hf_config)}, this engine's config "
+                    f"says {self.fp8_block_size}")
+
+            self._install(model, self._from_config())
+            ckpt = HFCheckpoint(path)
+            try:
+                seen: set = set()
+                self.load_tensors(model, [(n, ckpt[n]) for n in ckpt], seen)
+                self.check_covered(model, seen)
+            finally:
+                ckpt.close()
+        else:
+            self._install(model, AutoModelForCausalLM.from_pretrained(path,
+                                                                      local_files_only=True))
         self._sets[model].version = version
 
     def update_weights(self, model: str, buckets: Iterable[Bucket], version: int) -> None:
@@ -145,9 +173,16 @@ class EmbeddedEngine(RolloutEngine):
     def load_tensors(self, model: str, bucket: Bucket, seen: Optional[set] = None) -> None:
         """Copy one bucket into weight set `model` after checking all of it (known names,
         matching shapes, none in `seen`, the names already loaded in this update, which it
-        extends). Leaves the version alone: a partial update's caller stamps it."""
+        extends). Leaves the version alone: a partial update's caller stamps it. FP8 weights
+        with their scales (`weights.fp8`) are dequantised into the engine's dtype."""
+        from megatron_mgrpo.weights.fp8 import dequantize_bucket
+
         ws = self._set(model)
         seen = set() if seen is None else seen
+        try:
+            bucket = dequantize_bucket(bucket, self.fp8_block_size)
+        except ValueError as e:
+            raise WeightUpdateError(f"update_weights({model!r}): {e}") from None
         staged = []
         for name, tensor in bucket:  # check the whole bucket before copying any of it
             if name in ws.aliases:

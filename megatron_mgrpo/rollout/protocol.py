@@ -143,6 +143,16 @@ def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).replace("torch.", "")
 
 
+def wire_view(t: torch.Tensor, group) -> torch.Tensor:
+    """The tensor as broadcast over the weight-update group `group`: over gloo, which has no
+    FP8 type, FP8 travels as its bytes (uint8, the same bytes); NCCL takes FP8 as it is."""
+    import torch.distributed as dist
+
+    if t.dtype in (torch.float8_e4m3fn, torch.float8_e5m2) and dist.get_backend(group) == "gloo":
+        return t.view(torch.uint8)
+    return t
+
+
 def dtype_from_name(name: str) -> torch.dtype:
     dtype = getattr(torch, str(name).replace("torch.", ""), None)
     if not isinstance(dtype, torch.dtype):

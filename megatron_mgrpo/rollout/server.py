@@ -228,7 +228,7 @@ class EmbeddedServer:
         named = []
         for name, dt, shape in zip(names, dtypes, shapes):  # received in the request's order
             t = torch.empty(shape, dtype=protocol.dtype_from_name(dt))
-            dist.broadcast(t, group=group, group_src=0)
+            dist.broadcast(protocol.wire_view(t, group), group=group, group_src=0)
             named.append((name, t))
         return self._load(named, body)
 

@@ -246,8 +246,9 @@ class DistributedTransport(Transport):
             t.start()
             try:
                 for _, tensor in bucket:  # the order the servers receive them in
-                    dist.broadcast(tensor.detach().to(self.device).contiguous(), group=group,
-                                   group_src=0)
+                    dist.broadcast(protocol.wire_view(tensor.detach().to(self.device)
+                                                      .contiguous(), group),
+                                   group=group, group_src=0)
             except BaseException as e:
                 t.join(self.timeout_s)
                 self._drop(servers)

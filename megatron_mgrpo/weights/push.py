@@ -97,12 +97,15 @@ def bucketize(items: Iterable, bucket_bytes: int, nbytes: Callable[[Any], int] =
 
 def push_weights(engine, policy, model: str = "policy", version: int = 0,
                  bucket_bytes: int = DEFAULT_BUCKET_BYTES, momentum=None,
-                 dtype: Optional[torch.dtype] = None) -> PushStats:
+                 dtype: Optional[torch.dtype] = None,
+                 fp8_block_size: Optional[int] = None) -> PushStats:
     """Push the policy's weights (model="policy") or the momentum EMA (model="momentum",
     with `momentum` a ShardedMomentum) into weight set `model` of `engine`, stamped `version`.
 
     Collective: every rank calls it; `engine` is the engine on global rank 0 and None
     elsewhere. `dtype` casts before transfer (e.g. the engine's dtype, to halve PP traffic).
+    `fp8_block_size` (not None) sends the layers' linear weights in FP8 with their scales
+    (`weights.fp8`; 0: one scale per tensor), each stage quantising its own.
     """
     check_weight_set(model)
     if model == "momentum" and momentum is None:
@@ -118,14 +121,14 @@ def push_weights(engine, policy, model: str = "policy", version: int = 0,
     if ctx.dp_rank == 0:
         local = iter_hf_tensors(policy, tensor_of, dtype)
         if ctx.rank == 0:
-            error = _feed_engine(engine, model, version, _all_stages(ctx, local, bucket_bytes,
-                                                                       stats))
+            error = _feed_engine(engine, model, version, _all_stages(
+                ctx, _buckets(local, bucket_bytes, fp8_block_size), stats))
         elif ctx.tp_rank == 0:
             dst = dist.get_global_rank(ctx.pp_group, 0)
             if dst != 0:
                 raise RuntimeError(f"push_weights: stage 0's sender is rank {dst}, not the "
                                    "engine's rank 0 (unexpected rank order)")
-            for bucket in bucketize(local, bucket_bytes):
+            for bucket in _buckets(local, bucket_bytes, fp8_block_size):
                 _send_bucket(bucket, dst, ctx)
                 stats.add(bucket)
             _send_bucket(None, dst, ctx)
@@ -147,10 +150,22 @@ def push_weights(engine, policy, model: str = "policy", version: int = 0,
     return stats
 
 
-def _all_stages(ctx, local: Iterator[Tuple[str, torch.Tensor]], bucket_bytes: int,
-                stats: PushStats) -> Iterator[Bucket]:
+def _buckets(local: Iterator[Tuple[str, torch.Tensor]], bucket_bytes: int,
+             fp8_block_size: Optional[int]) -> Iterator[Bucket]:
+    """This stage's buckets; in FP8, a weight and its scale always share one."""
+    if fp8_block_size is None:
+        yield from bucketize(local, bucket_bytes)
+        return
+    from megatron_mgrpo.weights.fp8 import quantize_stream
+
+    for groups in bucketize(quantize_stream(local, fp8_block_size), bucket_bytes,
+                            lambda group: sum(map(_tensor_bytes, group))):
+        yield [item for group in groups for item in group]
+
+
+def _all_stages(ctx, buckets: Iterator[Bucket], stats: PushStats) -> Iterator[Bucket]:
     """Rank 0's stream: its own stage's buckets, then each later stage's, received in turn."""
-    for bucket in bucketize(local, bucket_bytes):
+    for bucket in buckets:
         stats.add(bucket)
         yield bucket
     for stage in range(1, ctx.pp_size):
