@@ -206,3 +206,21 @@ def test_fp8_update_over_a_broadcast_group_to_a_launched_server(model_dir, tmp_p
             == "policy:3"
     finally:
         engine.close()  # stops the servers it launched
+
+
+def test_sglang_reads_the_format_as_we_do():
+    """Where SGLang is installed: its FP8 config parser takes our quantization_config as a
+    serialized FP8 checkpoint with our tiles, and its own block dequantiser turns our codes
+    and scales into the weights our receivers load."""
+    pytest.importorskip("sglang.srt.managers.io_struct")
+    from sglang.srt.layers.quantization.fp8 import Fp8Config
+    from sglang.srt.layers.quantization.fp8_utils import block_quant_dequant
+
+    block = Fp8Config.from_config(fp8.quantization_config(128))
+    assert (block.is_checkpoint_fp8_serialized, block.weight_block_size,
+            block.activation_scheme) == (True, [128, 128], "dynamic")
+    assert Fp8Config.from_config(fp8.quantization_config(0)).weight_block_size is None
+    w = torch.randn(300, 200, generator=torch.Generator().manual_seed(1))
+    q, scale = fp8.quantize(w, 128)
+    assert torch.equal(block_quant_dequant(q, scale, [128, 128], torch.float32),
+                       fp8.dequantize(q, scale, 128))
