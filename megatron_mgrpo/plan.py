@@ -23,8 +23,8 @@ LM head). Memory per training GPU is the worst pipeline stage's, in these parts:
 The sequence length is data.max_prompt_length + rollout.max_new_tokens. The rollout side (SGLang
 servers on their own GPUs) is planned as bf16 weights (FP8 with `rollout.weight_format: fp8`) /
 server TP plus the KV cache the step's sequences need spread over the servers, against
-`mem_fraction` of a GPU. These are estimates of
-the kind Megatron's own memory report makes (Korthikanti et al. 2022), not measurements.
+`mem_fraction` of a GPU. These are estimates of the kind Megatron's own memory report makes
+(Korthikanti et al. 2022), not measurements.
 """
 
 from __future__ import annotations
@@ -73,6 +73,7 @@ def rollout_weight_bytes(model: ModelConfig, weight_format: str = "bf16",
     """Bytes of the rollout engine's copy of the model: bf16, or with `weight_format` fp8 the
     layers' linear weights in one byte each plus their fp32 scales (`weights.fp8`)."""
     from megatron_mgrpo.models.architecture import complete
+    from megatron_mgrpo.weights.fp8 import scale_shape
 
     m = complete(model)
     total = count_parameters(m)["total"]
@@ -83,8 +84,7 @@ def rollout_weight_bytes(model: ModelConfig, weight_format: str = "bf16",
     f = m.intermediate_size
     shapes = [(q, h), (kv, h), (kv, h), (h, q), (f, h), (f, h), (h, f)]  # [out, in] each
     linear = m.num_layers * sum(a * b for a, b in shapes)
-    scales = m.num_layers * sum((-(-a // block_size) * -(-b // block_size)) if block_size > 0
-                                else 1 for a, b in shapes)
+    scales = m.num_layers * sum(math.prod(scale_shape(shape, block_size)) for shape in shapes)
     return linear + 4 * scales + 2 * (total - linear)
 
 
@@ -229,8 +229,9 @@ def format_plan(plan: MemoryPlan) -> str:
     lines.append(f"  {'peak':<12}{plan.per_gpu_peak_gib:8.2f}  of {plan.gpu_memory_gib:g}")
     ro = plan.rollout
     lines.append(f"rollout: {L['rollout_servers']} server(s) x TP {L['server_tp']}: "
-                 f"{L['rollout_weights']} weights {ro['weights_gib']:.2f} GiB/GPU, KV cache for the whole step "
-                 f"{ro['kv_cache_gib']:.2f} GiB/GPU of {ro['capacity_gib']:.1f} usable "
-                 f"({math.floor(ro['kv_fits'] * 100)}% of the step's sequences at once)")
+                 f"{L['rollout_weights']} weights {ro['weights_gib']:.2f} GiB/GPU, KV cache for "
+                 f"the whole step {ro['kv_cache_gib']:.2f} GiB/GPU of "
+                 f"{ro['capacity_gib']:.1f} usable ({math.floor(ro['kv_fits'] * 100)}% of the "
+                 "step's sequences at once)")
     lines.append("fits" if plan.fits else "DOES NOT FIT")
     return "\n".join(lines)

@@ -175,14 +175,14 @@ def convert_hf_to_megatron(hf_dir: str, out_dir: str, tp: int = 1, pp: int = 1,
                                           load, dtype, tp=tp)
             config = dict(_read_json(os.path.join(hf_dir, "config.json")))
             config["torch_dtype"] = config["dtype"] = _DTYPE_NAMES[dtype]
-            _write_json(os.path.join(tmp, "config.json"), config)
+            write_json(os.path.join(tmp, "config.json"), config)
             copy_tokenizer(hf_dir, tmp)
             record = {"source": os.path.abspath(hf_dir), "direction": "hf->megatron",
                       "format": "megatron-core dist_checkpointing (torch_dist)",
                       "dtype": _DTYPE_NAMES[dtype], "chunked_for": {"tp": tp, "pp": pp},
                       "architecture": m.architecture, "tensors": stats["tensors"],
                       "bytes": stats["bytes"], "seconds": round(time.time() - t0, 3)}
-            _write_json(os.path.join(tmp, RECORD), record)
+            write_json(os.path.join(tmp, RECORD), record)
     finally:
         hf.close()
     return record
@@ -281,7 +281,7 @@ def export_megatron_to_hf(source: str, out_dir: str, model: str = "policy",
         for w in writers:
             w.close()
         if len(shards) > 1:
-            _write_json(os.path.join(tmp, "model.safetensors.index.json"),
+            write_json(os.path.join(tmp, "model.safetensors.index.json"),
                         {"metadata": {"total_size": total},
                          "weight_map": {n: names[i] for n, i in sorted(shard_of.items())}})
         # Keep the source's other fields (special token ids, ...); ours win on the architecture,
@@ -291,7 +291,7 @@ def export_megatron_to_hf(source: str, out_dir: str, model: str = "policy",
             config = read_hf_config(source_dir)
         config.update(hf_config_dict(m))
         config["torch_dtype"] = config["dtype"] = _DTYPE_NAMES[dtype]
-        _write_json(os.path.join(tmp, "config.json"), config)
+        write_json(os.path.join(tmp, "config.json"), config)
         copy_tokenizer(source_dir, tmp)
     return {"source": what, "tensors": len(layout), "bytes": total, "shards": len(shards),
             "seconds": round(time.time() - t0, 3)}
@@ -302,6 +302,6 @@ def _read_json(path: str) -> Dict:
         return json.load(f)
 
 
-def _write_json(path: str, obj) -> None:
+def write_json(path: str, obj) -> None:
     with open(path, "w") as f:
         json.dump(obj, f, indent=2, sort_keys=True)

@@ -163,11 +163,11 @@ def quantize_hf_dir(src: str, dst: str, block_size: int = 128, overwrite: bool =
     tensor in memory at a time): what an FP8 SGLang server starts from before FP8 weights are
     pushed into it. Tokenizer files come along; config.json gains `quantization_config`."""
     import glob
-    import json
     import os
 
     from megatron_mgrpo.models.architecture import read_hf_config
-    from megatron_mgrpo.weights.convert import ConversionError, copy_tokenizer, staged_dir
+    from megatron_mgrpo.weights.convert import (ConversionError, copy_tokenizer, staged_dir,
+                                                write_json)
     from megatron_mgrpo.weights.safetensors_io import (DTYPES, StreamingWriter, read_header,
                                                        read_tensor)
 
@@ -197,8 +197,8 @@ def quantize_hf_dir(src: str, dst: str, block_size: int = 128, overwrite: bool =
             base = os.path.basename(file)
             writer = StreamingWriter(os.path.join(tmp, base), layout)
             with open(file, "rb") as f:
-                for (name, e), group in zip(entries, quantize_stream(
-                        ((n, read_tensor(f, e, start)) for n, e in entries), block_size)):
+                for group in quantize_stream(((n, read_tensor(f, e, start)) for n, e in entries),
+                                             block_size):
                     for n, t in group:
                         writer.write(n, t)
                         weight_map[n] = base
@@ -208,12 +208,10 @@ def quantize_hf_dir(src: str, dst: str, block_size: int = 128, overwrite: bool =
             writer.close()
             log(f"[fp8] {base}: {len(entries)} tensors")
         if len(files) > 1 or os.path.isfile(os.path.join(src, "model.safetensors.index.json")):
-            with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
-                json.dump({"metadata": {"total_size": stats["bytes"]},
-                           "weight_map": dict(sorted(weight_map.items()))}, f, indent=2)
+            write_json(os.path.join(tmp, "model.safetensors.index.json"),
+                       {"metadata": {"total_size": stats["bytes"]}, "weight_map": weight_map})
         config["quantization_config"] = quantization_config(block_size)
         config["torch_dtype"] = config["dtype"] = "bfloat16"
-        with open(os.path.join(tmp, "config.json"), "w") as f:
-            json.dump(config, f, indent=2, sort_keys=True)
+        write_json(os.path.join(tmp, "config.json"), config)
         copy_tokenizer(src, tmp)
     return stats
