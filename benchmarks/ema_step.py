@@ -138,7 +138,7 @@ def _memory_rank(rank: int, world: int, port: int, out_dir: str) -> None:
     ctx = init_parallel(cfg.parallel, seed=0)
     policy = MegatronPolicy(cfg, ctx)
     momentum = ShardedMomentum(policy, MomentumSchedule())
-    params = sum(p.numel() for p in policy.unwrapped.parameters())
+    params = sum(p.numel() for p in policy.parameters())
     with open(os.path.join(out_dir, f"{rank}.json"), "w") as f:
         json.dump({"bytes": momentum.nbytes(), "params": params, "dp": ctx.dp_size}, f)
     destroy_parallel()

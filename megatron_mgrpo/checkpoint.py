@@ -38,15 +38,18 @@ def latest_step(run_dir: str) -> Optional[int]:
     return step if os.path.isdir(step_dir(run_dir, step)) else None
 
 
-def _sharded_params(model) -> Dict[str, Any]:
-    """Sharded-state-dict key -> (its sharded entry, the parameter it holds), for the entries
-    that hold a parameter: the momentum model is saved and loaded under these keys."""
-    by_ptr = {p.data_ptr(): p for p in model.parameters()}
+def _sharded_params(chunks) -> Dict[str, Any]:
+    """`chunk index/state-dict name` -> (its sharded entry, the parameter it holds), over the
+    model chunks, for the entries that hold a parameter: the momentum model is saved and
+    loaded through these. (The sharded key alone is not unique: megatron stacks the layers
+    under one key, told apart by offset.)"""
     out = {}
-    for key, sh in model.sharded_state_dict().items():
-        data = getattr(sh, "data", None)
-        if isinstance(data, torch.Tensor) and data.data_ptr() in by_ptr:
-            out[key] = (sh, by_ptr[data.data_ptr()])
+    for i, chunk in enumerate(chunks):
+        by_ptr = {p.data_ptr(): p for p in chunk.parameters()}
+        for name, sh in chunk.sharded_state_dict().items():
+            data = getattr(sh, "data", None)
+            if isinstance(data, torch.Tensor) and data.data_ptr() in by_ptr:
+                out[f"{i}/{name}"] = (sh, by_ptr[data.data_ptr()])
     return out
 
 
@@ -64,12 +67,14 @@ def _sharded_state(policy, momentum, is_loading: bool, trainer_state: Dict[str, 
                    with_rng: bool = True, with_optimizer: bool = True):
     from megatron.core.dist_checkpointing.mapping import ShardedObject
 
-    model = policy.unwrapped
-    model_sd = model.sharded_state_dict()
-    state = {"model": model_sd, "trainer": trainer_state}
+    # One sharded dict per model chunk; their keys are global (layer offsets applied), so the
+    # files are the same with or without a virtual pipeline and load at any layout.
+    chunks = policy.chunks
+    state = {"model": [c.sharded_state_dict() for c in chunks], "trainer": trainer_state}
     if with_optimizer:
         state["optimizer"] = policy.optimizer.sharded_state_dict(
-            model.sharded_state_dict(), is_loading=is_loading, metadata=_OPTIM_META)
+            [c.sharded_state_dict() for c in chunks], is_loading=is_loading,
+            metadata=_OPTIM_META)
         state["scheduler"] = policy.scheduler.state_dict()
     if with_rng:
         # Each rank's RNG state, keyed by global rank: restored only at the same world size
@@ -77,7 +82,7 @@ def _sharded_state(policy, momentum, is_loading: bool, trainer_state: Dict[str, 
         state["rng"] = ShardedObject("rng_state", {"torch": torch.get_rng_state()},
                                      (dist.get_world_size(),), (dist.get_rank(),), replica_id=0)
     if momentum is not None:
-        state["momentum"] = momentum.sharded_state_dict(_sharded_params(model), is_loading)
+        state["momentum"] = momentum.sharded_state_dict(_sharded_params(chunks), is_loading)
     return state
 
 
@@ -127,7 +132,8 @@ def load_checkpoint(path: str, policy, momentum=None, load_optimizer: bool = Tru
     if momentum is None:
         template.pop("momentum", None)
     loaded = dist_checkpointing.load(template, path)
-    policy.unwrapped.load_state_dict(loaded["model"])
+    for chunk, sd in zip(policy.chunks, loaded["model"]):
+        chunk.load_state_dict(sd)
     if load_optimizer:
         policy.optimizer.load_state_dict(loaded["optimizer"])
         unshare_adam_steps(policy.optimizer)
@@ -135,7 +141,7 @@ def load_checkpoint(path: str, policy, momentum=None, load_optimizer: bool = Tru
     else:
         policy.optimizer.reload_model_params()
     if momentum is not None:
-        momentum.load_sharded(loaded["momentum"], _sharded_params(policy.unwrapped))
+        momentum.load_sharded(loaded["momentum"], _sharded_params(policy.chunks))
         momentum.load_state(saved.get("momentum", {}))
     rng = loaded.get("rng")
     if isinstance(rng, dict) and "torch" in rng:
@@ -151,7 +157,7 @@ def load_model_weights(policy, path: str) -> None:
 
     from megatron_mgrpo.weights.dist_checkpoint import stored_tensors
 
-    params = _sharded_params(policy.unwrapped)
+    params = _sharded_params(policy.chunks)
     stored = stored_tensors(path)
     missing = sorted({sh.key for sh, _ in params.values()} - set(stored))
     if missing:

@@ -28,6 +28,8 @@ class ParallelContext:
     tp_size: int
     pp_rank: int
     pp_size: int
+    vp_size: int
+    """Model chunks per pipeline stage (1 without a virtual pipeline)."""
     dp_rank: int
     dp_size: int
     tp_group: dist.ProcessGroup
@@ -60,6 +62,11 @@ def init_parallel(parallel: ParallelConfig, seed: int = 1234,
     from megatron.core.process_groups_config import ProcessGroupCollection
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
+    if parallel.context_parallel != 1:
+        raise ConfigError(
+            f"parallel.context_parallel: got {parallel.context_parallel}; accepted here: 1 "
+            "(context parallelism is counted by `mgrpo plan` but not wired into training: it "
+            "needs Transformer Engine's ring attention and a CP-aware log-prob gather)")
     apply_cpu_platform()
     has_gpu = cuda_available()
     backend = parallel.backend if parallel.backend != "auto" else ("nccl" if has_gpu else "gloo")
@@ -79,6 +86,7 @@ def init_parallel(parallel: ParallelConfig, seed: int = 1234,
 
     world = dist.get_world_size()
     tp, pp = parallel.tensor_parallel, parallel.pipeline_parallel
+    vp = parallel.virtual_pipeline if pp > 1 else 1
     if world % (tp * pp):
         raise ConfigError(
             f"parallel.tensor_parallel * parallel.pipeline_parallel: got {tp * pp}; accepted: "
@@ -86,11 +94,13 @@ def init_parallel(parallel: ParallelConfig, seed: int = 1234,
 
     if parallel_state.model_parallel_is_initialized():
         if (parallel_state.get_tensor_model_parallel_world_size() != tp
-                or parallel_state.get_pipeline_model_parallel_world_size() != pp):
+                or parallel_state.get_pipeline_model_parallel_world_size() != pp
+                or (parallel_state.get_virtual_pipeline_model_parallel_world_size() or 1) != vp):
             parallel_state.destroy_model_parallel()
     if not parallel_state.model_parallel_is_initialized():
         parallel_state.initialize_model_parallel(
             tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+            virtual_pipeline_model_parallel_size=vp if vp > 1 else None,
             create_gloo_process_groups=not has_gpu or backend == "gloo",
             distributed_timeout_minutes=timeout_minutes)
     model_parallel_cuda_manual_seed(seed)
@@ -98,7 +108,7 @@ def init_parallel(parallel: ParallelConfig, seed: int = 1234,
     return ParallelContext(
         rank=dist.get_rank(), world_size=world,
         tp_rank=parallel_state.get_tensor_model_parallel_rank(), tp_size=tp,
-        pp_rank=parallel_state.get_pipeline_model_parallel_rank(), pp_size=pp,
+        pp_rank=parallel_state.get_pipeline_model_parallel_rank(), pp_size=pp, vp_size=vp,
         dp_rank=parallel_state.get_data_parallel_rank(),
         dp_size=parallel_state.get_data_parallel_world_size(),
         tp_group=parallel_state.get_tensor_model_parallel_group(),

@@ -1,5 +1,6 @@
 """dist_checkpointing of policy + optimizer + momentum model: a resumed run continues exactly
-(same layout) or to fp rounding (saved at TP=1, loaded at TP=2, PP=2 or DP=2)."""
+(same layout) or to fp rounding (saved at TP=1, loaded at TP=2, PP=2 or DP=2; saved with a
+virtual pipeline, loaded without)."""
 
 import os
 
@@ -10,7 +11,7 @@ from tests.distributed import run_workers
 from tests.test_parallel_equivalence import make_batch, pg_loss
 
 
-def ckpt_worker(run_dir, mode, tp, pp):
+def ckpt_worker(run_dir, mode, tp, pp, vpp=1):
     from megatron_mgrpo.checkpoint import latest_step, load_checkpoint, save_checkpoint, step_dir
     from megatron_mgrpo.config import load_config
     from megatron_mgrpo.models.policy import MegatronPolicy
@@ -21,7 +22,8 @@ def ckpt_worker(run_dir, mode, tp, pp):
 
     cfg = load_config("examples/tiny/smoke.yaml",
                       ["--parallel.tensor_parallel", str(tp), "--parallel.pipeline_parallel",
-                       str(pp), "--parallel.micro_batch_size", "2"])
+                       str(pp), "--parallel.micro_batch_size", "2",
+                       "--parallel.virtual_pipeline", str(vpp), "--model.num_layers", "4"])
     ctx = init_parallel(cfg.parallel, seed=3)
     policy = MegatronPolicy(cfg, ctx)
     momentum = ShardedMomentum(policy, MomentumSchedule(0.9))
@@ -40,7 +42,7 @@ def ckpt_worker(run_dir, mode, tp, pp):
         result = policy.train_step(local, pg_loss, with_entropy=True)
     out.update(loss=result.loss, grad_norm=result.grad_norm,
                weights=policy.full_state_dict(),
-               ema=gather_full_state_dict(policy.unwrapped, ctx, cfg.model.vocab_size,
+               ema=gather_full_state_dict(policy.chunks, ctx, cfg.model.vocab_size,
                                           tensor_of=momentum_tensor_of(momentum)))
     return out
 
@@ -63,10 +65,11 @@ def test_resume_same_layout_is_exact(saved):
         assert torch.equal(got["ema"][k], ref["ema"][k]), k
 
 
-@pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2), (1, 1)], ids=["tp2", "pp2", "dp2"])
-def test_resume_at_another_layout(saved, tp, pp):
+@pytest.mark.parametrize("tp,pp,vpp", [(2, 1, 1), (1, 2, 1), (1, 1, 1), (1, 2, 2)],
+                         ids=["tp2", "pp2", "dp2", "pp2_vpp2"])
+def test_resume_at_another_layout(saved, tp, pp, vpp):
     run_dir, ref = saved
-    for got in run_workers(ckpt_worker, 2, run_dir, "load", tp, pp):
+    for got in run_workers(ckpt_worker, 2, run_dir, "load", tp, pp, vpp):
         assert got["loss"] == pytest.approx(ref["loss"], rel=1e-5)
         assert got["grad_norm"] == pytest.approx(ref["grad_norm"], rel=1e-4)
         for k in ref["weights"]:
@@ -81,3 +84,18 @@ def test_incomplete_checkpoint_is_never_latest(saved, tmp_path):
     assert latest_step(run_dir) == 2
     assert os.path.isdir(step_dir(run_dir, 2)) and not os.path.exists(step_dir(run_dir, 2) + ".tmp")
     assert latest_step(str(tmp_path)) is None
+
+
+def test_virtual_pipeline_checkpoint_loads_at_pp1(tmp_path):
+    """Saved by PP=2 with two model chunks per stage (layers 0, 2 | 1, 3), resumed unsplit:
+    the chunks' keys are global, so step 3 is the same step."""
+    run_dir = str(tmp_path)
+    saved = run_workers(ckpt_worker, 2, run_dir, "save", 1, 2, 2)
+    (got,) = run_workers(ckpt_worker, 1, run_dir, "load", 1, 1)
+    assert got["trainer"]["step"] == 2
+    for ref in saved:
+        assert got["loss"] == pytest.approx(ref["loss"], rel=1e-5)
+        assert got["grad_norm"] == pytest.approx(ref["grad_norm"], rel=1e-4)
+        for k in ref["weights"]:
+            torch.testing.assert_close(got["weights"][k], ref["weights"][k], atol=1e-6, rtol=0)
+            torch.testing.assert_close(got["ema"][k], ref["ema"][k], atol=1e-6, rtol=0)

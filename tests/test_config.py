@@ -336,6 +336,17 @@ def test_override_value_that_is_not_yaml():
      "algorithm.momentum_warmup_start: got 1.0; accepted: a number in [0, 1)"),
     (["--algorithm.min_agreement", "1.5"], None,
      "algorithm.min_agreement: got 1.5; accepted: a number in [0, 1]"),
+    (["--parallel.virtual_pipeline", "2"], None,
+     "parallel.virtual_pipeline: got 2; accepted: 1 when parallel.pipeline_parallel is 1 "
+     "(model chunks interleave over stages)"),
+    (["--parallel.pipeline_parallel", "2", "--parallel.virtual_pipeline", "2"], None,
+     "parallel.virtual_pipeline: got 2; accepted: a value with pipeline_parallel x "
+     "virtual_pipeline dividing model.num_layers=2"),
+    (["--parallel.virtual_pipeline", "0"], None,
+     "parallel.virtual_pipeline: got 0; accepted: an integer >= 1"),
+    (["--parallel.context_parallel", "2", "--parallel.tensor_parallel", "2"], 6,
+     "parallel.tensor_parallel * parallel.pipeline_parallel * parallel.context_parallel: "
+     "got 4; accepted: a divisor of the world size 6"),
     (["--parallel.tensor_parallel", "2", "--parallel.pipeline_parallel", "2"], 6,
      "parallel.tensor_parallel * parallel.pipeline_parallel: got 4; "
      "accepted: a divisor of the world size 6"),
@@ -374,3 +385,13 @@ def test_validate_checks_parallel_layout_against_the_hf_config(tmp_path):
     assert error_of(None, ["--parallel.pipeline_parallel", "3", "--model.hf_config",
                            str(tmp_path)]) == \
         "parallel.pipeline_parallel: got 3; accepted: a divisor of model.num_layers=8"
+
+
+def test_context_parallel_is_planned_but_training_refuses_it():
+    from megatron_mgrpo.parallel import init_parallel
+
+    cfg = load_config(None, ["--parallel.context_parallel", "2"], world_size=2)
+    assert cfg.parallel.context_parallel == 2  # valid for `mgrpo plan`
+    with pytest.raises(ConfigError, match=r"^parallel.context_parallel: got 2; accepted here: "
+                                          r"1 \(context parallelism is counted by `mgrpo plan`"):
+        init_parallel(cfg.parallel)

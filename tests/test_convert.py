@@ -120,7 +120,7 @@ def logits_worker(converted_items, tp, pp):
             load_pretrained(policy, c[source])
             seen = []
             if ctx.is_last_stage:
-                policy.unwrapped.output_layer.register_forward_hook(
+                policy.chunks[-1].output_layer.register_forward_hook(
                     lambda mod, inp, output: seen.append(output[0].detach()))
             policy.logprobs({"input_ids": c["ids"]}, with_entropy=False)
             if ctx.is_last_stage:
@@ -155,7 +155,7 @@ def megatron_save_worker(path, kw):
     policy = MegatronPolicy(cfg, init_parallel(cfg.parallel))
     load_pretrained(policy, kw)
     os.makedirs(path, exist_ok=True)
-    dist_checkpointing.save({"model": policy.unwrapped.sharded_state_dict()}, path)
+    dist_checkpointing.save({"model": policy.chunks[0].sharded_state_dict()}, path)
 
 
 def test_layout_on_disk_is_megatrons_own(converted, tmp_path):

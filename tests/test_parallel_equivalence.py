@@ -1,4 +1,5 @@
-"""TP=2, PP=2 and DP=2 (distributed optimizer) against TP=1 on the same weights and batch.
+"""TP=2, PP=2 (plain and with a virtual pipeline) and DP=2 (distributed optimizer) against
+TP=1 on the same weights and batch.
 
 Every run is real megatron-core over gloo in spawned processes. The reference is the TP=1,
 PP=1, DP=1 run of the same model; the others load its initial weights, so log-probs,
@@ -24,6 +25,9 @@ MODELS = {
                   rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0,
                                     high_freq_factor=4.0, original_max_position_embeddings=8)),
 }
+# Four layers, so PP=2 x virtual pipeline 2 gives each model chunk one layer.
+MODELS["qwen3_4l"] = dict(MODELS["qwen3"], num_layers=4)
+MODELS["qwen2_4l"] = dict(MODELS["qwen2"], num_layers=4)
 
 
 LR = 1e-2
@@ -55,15 +59,16 @@ def pg_loss(lp, ent, micro):
     return (per_token * mask).sum(), mask.sum(), {"ratio": (ratio * mask).sum()}
 
 
-def policy_worker(model_kw, tp, pp, dist_opt, full_sd, batch, steps, recompute="none"):
+def policy_worker(model_kw, tp, pp, dist_opt, full_sd, batch, steps, recompute="none", vpp=1):
     from megatron_mgrpo.config.schema import Config, ModelConfig, ParallelConfig
     from megatron_mgrpo.models.policy import MegatronPolicy
     from megatron_mgrpo.parallel import init_parallel
+    from megatron_mgrpo.weights.megatron_layout import named_global_parameters
 
     cfg = Config(model=ModelConfig(**model_kw),
                  parallel=ParallelConfig(tensor_parallel=tp, pipeline_parallel=pp,
                                          micro_batch_size=2, use_distributed_optimizer=dist_opt,
-                                         recompute=recompute))
+                                         recompute=recompute, virtual_pipeline=vpp))
     cfg.optimizer.lr = LR
     # Adam turns a gradient at fp-noise level (rows of rarely seen tokens) into a full +-lr
     # step; eps well above that noise keeps the comparison about the maths, not rounding.
@@ -72,7 +77,8 @@ def policy_worker(model_kw, tp, pp, dist_opt, full_sd, batch, steps, recompute="
     policy = MegatronPolicy(cfg, ctx, total_steps=steps)
     if full_sd is not None:
         policy.load_full_state_dict(full_sd)
-    out = {"init": policy.full_state_dict(), "dp_rank": ctx.dp_rank}
+    out = {"init": policy.full_state_dict(), "dp_rank": ctx.dp_rank,
+           "chunks": [sorted(n for n, _ in named_global_parameters(c)) for c in policy.chunks]}
     local = {k: v.chunk(ctx.dp_size)[ctx.dp_rank] for k, v in batch.items()}
     out["logprobs"], out["entropy"] = policy.logprobs(local)
     lp_only, no_entropy = policy.logprobs(local, with_entropy=False)
@@ -162,3 +168,19 @@ def test_activation_recompute_changes_nothing_but_memory(references, recompute):
     runs = run_workers(policy_worker, 2, MODELS["qwen3"], 2, 1, False, ref["init"], batch, 2,
                        recompute)
     check_against(ref, runs)
+
+
+@pytest.mark.parametrize("name", ["qwen3_4l", "qwen2_4l"])
+def test_virtual_pipeline_matches_pp1(references, name):
+    """PP=2 with two model chunks per stage (the interleaved 1F1B schedule; 3 microbatches
+    padded to 4) against the unsplit model; qwen2 ties the embedding across the pipeline."""
+    ref, batch = references(name)
+    runs = run_workers(policy_worker, 2, MODELS[name], 1, 2, False, ref["init"], batch, 2,
+                       "none", 2)
+    check_against(ref, runs)
+    # Stage 0 holds layers 0 and 2, stage 1 layers 1 and 3 (chunks dealt round robin).
+    layers = [[sorted({n.split(".")[2] for n in chunk if n.startswith("decoder.layers.")})
+               for chunk in run["chunks"]] for run in runs]
+    assert layers == [[["0"], ["2"]], [["1"], ["3"]]]
+    assert "embedding.word_embeddings.weight" in runs[0]["chunks"][0]
+    assert "decoder.final_layernorm.weight" in runs[1]["chunks"][1]

@@ -117,11 +117,11 @@ def ema_worker(dist_opt, dtype, steps, schedule, save_dir=None, load_dir=None):
             ema_update_([ref[k] for k in sorted(ref)], [full[k] for k in sorted(ref)], m)
     if save_dir is not None:
         save_checkpoint(save_dir, steps, policy, momentum)
-    gathered = gather_full_state_dict(policy.unwrapped, ctx, vocab, momentum_tensor_of(momentum))
+    gathered = gather_full_state_dict(policy.chunks, ctx, vocab, momentum_tensor_of(momentum))
     return {"ema": gathered, "ref": ref, "init": init, "final": policy.full_state_dict(),
             "updates": momentum.updates,
             "ema_bytes": momentum.nbytes(),
-            "params": sum(p.numel() for p in policy.unwrapped.parameters()),
+            "params": sum(p.numel() for p in policy.parameters()),
             "dp": ctx.dp_size}
 
 

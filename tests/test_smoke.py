@@ -27,7 +27,7 @@ def bf16_worker():
 
     cfg = load_config("examples/tiny/smoke.yaml", ["--model.params_dtype", "bf16"])
     policy = MegatronPolicy(cfg, init_parallel(cfg.parallel, seed=cfg.training.seed))
-    dtypes = {str(p.dtype) for p in policy.unwrapped.parameters()}
+    dtypes = {str(p.dtype) for p in policy.parameters()}
     return dtypes, smoke_worker(["--model.params_dtype", "bf16"])
 
 

@@ -16,17 +16,14 @@ TIMING = ("step_time_s", "push_time_s")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.fixture(scope="session")
-def tiny_base(tmp_path_factory):
-    """A small, briefly warmed-up base (seconds, not the demo's minutes)."""
-    out = str(tmp_path_factory.mktemp("tiny_base"))
+def prepare_base(out, *extra):
     spec = importlib.util.spec_from_file_location("prepare_tiny",
                                                   os.path.join(ROOT, "tools/prepare_tiny.py"))
     prepare = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(prepare)
     prepare.main(["--out", out, "--n-sft", "800", "--n-train", "64", "--n-val", "8",
                   "--sft-steps", "60", "--k", "2", "--hidden-size", "64",
-                  "--intermediate-size", "128", "--threads", "1"])
+                  "--intermediate-size", "128", "--threads", "1", *extra])
     # The validation prompts again as a benchmark file in MATH-500's schema.
     os.makedirs(os.path.join(out, "eval"))
     with open(os.path.join(out, "data", "val.jsonl")) as src, \
@@ -36,6 +33,13 @@ def tiny_base(tmp_path_factory):
             dst.write(json.dumps({"problem": row["prompt"], "solution": "", "level": 1,
                                   "answer": row["answer"], "subject": "Arithmetic",
                                   "unique_id": f"test/arithmetic/{i}.json"}) + "\n")
+
+
+@pytest.fixture(scope="session")
+def tiny_base(tmp_path_factory):
+    """A small, briefly warmed-up base (seconds, not the demo's minutes)."""
+    out = str(tmp_path_factory.mktemp("tiny_base"))
+    prepare_base(out)
     return out
 
 
@@ -163,6 +167,22 @@ def test_two_process_layouts_run_the_same_loop(tiny_base, uninterrupted, tmp_pat
             assert first[k] == full[1][k], k
         assert first["loss"] == pytest.approx(full[1]["loss"], abs=1e-5)
         assert first["entropy_mean"] == pytest.approx(full[1]["entropy_mean"], rel=1e-4)
+
+
+def test_a_virtual_pipeline_runs_the_same_loop(tmp_path):
+    """PP=2 with two model chunks per stage (a 4-layer base: layers 0, 2 | 1, 3) against the
+    one-process run: the same first step, and the same loss after the first update."""
+    base = str(tmp_path / "base")
+    prepare_base(base, "--num-layers", "4", "--sft-steps", "20")
+    (ref, _), = run_workers(train_worker, 1, overrides(base, str(tmp_path / "ref"), 2))
+    vpp = ["--parallel.pipeline_parallel", "2", "--parallel.virtual_pipeline", "2"]
+    for history, _ in run_workers(train_worker, 2, overrides(base, str(tmp_path / "vpp"), 2,
+                                                             *vpp)):
+        for k in ("reward_mean", "vote_agreement", "pseudo_label_acc", "iqr_dropped_frac"):
+            assert history[1][k] == ref[1][k], k
+        assert history[1]["loss"] == pytest.approx(ref[1]["loss"], abs=1e-5)
+        assert history[1]["grad_norm"] == pytest.approx(ref[1]["grad_norm"], rel=1e-4)
+        assert history[1]["entropy_mean"] == pytest.approx(ref[1]["entropy_mean"], rel=1e-4)
 
 
 def test_the_sglang_backend_runs_the_same_loop(tiny_base, uninterrupted, tmp_path):

@@ -31,7 +31,7 @@ def _engine_logprobs(engine, model, ids):
     return torch.cat([torch.zeros(ids.shape[0], 1), lp], 1)
 
 
-def push_worker(arch, tp, pp, ids):
+def push_worker(arch, tp, pp, ids, vpp=1):
     from megatron_mgrpo.config.schema import Config, OptimizerConfig, ParallelConfig
     from megatron_mgrpo.models.architecture import hf_config_dict
     from megatron_mgrpo.models.policy import MegatronPolicy
@@ -42,11 +42,11 @@ def push_worker(arch, tp, pp, ids):
     from megatron_mgrpo.weights.megatron_layout import gather_full_state_dict
     from megatron_mgrpo.weights.push import momentum_tensor_of, push_weights
 
-    kw = ARCHS[arch]
+    kw = dict(ARCHS[arch], num_layers=4) if vpp > 1 else ARCHS[arch]
     m = ModelConfig(**kw)
     cfg = Config(model=m, optimizer=OptimizerConfig(lr=3e-3),
                  parallel=ParallelConfig(tensor_parallel=tp, pipeline_parallel=pp,
-                                         micro_batch_size=2))
+                                         micro_batch_size=2, virtual_pipeline=vpp))
     ctx = init_parallel(cfg.parallel)
     policy = MegatronPolicy(cfg, ctx)
     init = hf_model(kw).state_dict()
@@ -66,7 +66,7 @@ def push_worker(arch, tp, pp, ids):
     lp, _ = policy.logprobs(batch)
     want_policy = dict(megatron_to_hf(policy.full_state_dict(), m))
     want_ema = dict(megatron_to_hf(
-        gather_full_state_dict(policy.unwrapped, ctx, m.vocab_size,
+        gather_full_state_dict(policy.chunks, ctx, m.vocab_size,
                                momentum_tensor_of(momentum)), m))
     if main:
         out.update(
@@ -110,15 +110,16 @@ def push_worker(arch, tp, pp, ids):
     return out
 
 
-@pytest.mark.parametrize("arch,tp,pp,world", [
-    ("llama", 1, 1, 2),   # TP=1 with DP=2 (distributed optimizer): only DP rank 0 sends
-    ("qwen3", 2, 1, 2),   # TP=2, vocabulary padded for TP, QK-norm
-    ("qwen2", 1, 2, 2),   # PP=2, tied embeddings (the last stage's output layer is not sent)
+@pytest.mark.parametrize("arch,tp,pp,vpp,world", [
+    ("llama", 1, 1, 1, 2),   # TP=1 with DP=2 (distributed optimizer): only DP rank 0 sends
+    ("qwen3", 2, 1, 1, 2),   # TP=2, vocabulary padded for TP, QK-norm
+    ("qwen2", 1, 2, 1, 2),   # PP=2, tied embeddings (the last stage's output layer is not sent)
+    ("qwen3", 1, 2, 2, 2),   # PP=2 x 2 model chunks: 4 layers, each stage sends 2 apart
 ])
-def test_push_reaches_the_engine(arch, tp, pp, world):
+def test_push_reaches_the_engine(arch, tp, pp, vpp, world):
     ids = torch.randint(0, ARCHS[arch]["vocab_size"], (4, 12),
                         generator=torch.Generator().manual_seed(0))
-    results = run_workers(push_worker, world, arch, tp, pp, ids)
+    results = run_workers(push_worker, world, arch, tp, pp, ids, vpp)
     r = results[0]
 
     # the pushed weights are the optimizer's, not the init

@@ -117,6 +117,16 @@ class ParallelConfig:
     pipeline_parallel: int = 1
     """Pipeline-parallel size: splits the layers into stages (1F1B schedule)."""
 
+    virtual_pipeline: int = 1
+    """Model chunks per pipeline stage (megatron's virtual pipeline, the interleaved 1F1B
+    schedule): the layers split into pipeline_parallel x virtual_pipeline chunks dealt round
+    robin to the stages, which cuts the pipeline bubble by this factor for more P2P traffic and
+    more activations in flight. Needs pipeline_parallel > 1."""
+
+    context_parallel: int = 1
+    """Context-parallel size (sequence split over ranks, ring attention in Transformer Engine).
+    Counted by `mgrpo plan`; training accepts only 1 for now."""
+
     sequence_parallel: bool = False
     """Megatron sequence parallelism (needs TP > 1; with the local layer spec it needs apex)."""
 
@@ -614,13 +624,24 @@ def _validate(cfg: Config, world_size: Optional[int]) -> None:
     if m.num_layers % p.pipeline_parallel:
         _fail("parallel.pipeline_parallel", p.pipeline_parallel,
               f"a divisor of model.num_layers={m.num_layers}")
+    _positive("parallel.virtual_pipeline", p.virtual_pipeline)
+    _positive("parallel.context_parallel", p.context_parallel)
+    if p.virtual_pipeline > 1 and p.pipeline_parallel == 1:
+        _fail("parallel.virtual_pipeline", p.virtual_pipeline,
+              "1 when parallel.pipeline_parallel is 1 (model chunks interleave over stages)")
+    chunks = p.pipeline_parallel * p.virtual_pipeline
+    if p.virtual_pipeline > 1 and m.num_layers % chunks:
+        _fail("parallel.virtual_pipeline", p.virtual_pipeline,
+              f"a value with pipeline_parallel x virtual_pipeline dividing "
+              f"model.num_layers={m.num_layers}")
     if p.sequence_parallel and p.tensor_parallel == 1:
         _fail("parallel.sequence_parallel", True, "false when parallel.tensor_parallel is 1")
     if world_size is not None:
-        model_parallel = p.tensor_parallel * p.pipeline_parallel
+        model_parallel = p.tensor_parallel * p.pipeline_parallel * p.context_parallel
+        what = "parallel.tensor_parallel * parallel.pipeline_parallel" + (
+            " * parallel.context_parallel" if p.context_parallel > 1 else "")
         if world_size % model_parallel:
-            _fail("parallel.tensor_parallel * parallel.pipeline_parallel", model_parallel,
-                  f"a divisor of the world size {world_size}")
+            _fail(what, model_parallel, f"a divisor of the world size {world_size}")
 
     if r.num_policy_rollouts < 1:
         _fail("rollout.num_policy_rollouts", r.num_policy_rollouts, "an integer >= 1")

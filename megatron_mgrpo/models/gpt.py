@@ -74,6 +74,12 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig, **overrides
         attention_softmax_in_fp32=True,
         tensor_model_parallel_size=parallel.tensor_parallel,
         pipeline_model_parallel_size=parallel.pipeline_parallel,
+        virtual_pipeline_model_parallel_size=(parallel.virtual_pipeline
+                                              if parallel.virtual_pipeline > 1 else None),
+        # With two stages and model chunks, each P2P exchange sends an activation and a
+        # gradient to the same peer; batched, the two are matched in posting order and swap
+        # (seen over gloo). Unbatched, megatron sends the two directions on separate groups.
+        batch_p2p_comm=not (parallel.pipeline_parallel == 2 and parallel.virtual_pipeline > 1),
         sequence_parallel=parallel.sequence_parallel,
         recompute_granularity=None if parallel.recompute == "none" else parallel.recompute,
         **({"recompute_method": "uniform", "recompute_num_layers": 1}
@@ -160,10 +166,11 @@ def llama3_inv_freq(m: ModelConfig) -> torch.Tensor:
 
 def build_policy(model: ModelConfig, parallel: ParallelConfig, pg_collection=None,
                  pre_process: Optional[bool] = None, post_process: Optional[bool] = None,
-                 config=None):
-    """Build this rank's stage of the policy as a megatron-core GPTModel.
+                 config=None, vp_stage: Optional[int] = None):
+    """Build this rank's stage of the policy (or, with a virtual pipeline, its model chunk
+    `vp_stage`) as a megatron-core GPTModel.
 
-    `pre_process` / `post_process` default to this rank's first / last pipeline stage.
+    `pre_process` / `post_process` default to the first / last chunk of the whole pipeline.
     """
     from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
@@ -171,9 +178,11 @@ def build_policy(model: ModelConfig, parallel: ParallelConfig, pg_collection=Non
     m = complete(model)
     config = config or transformer_config(m, parallel)
     if pre_process is None:
-        pre_process = parallel_state.is_pipeline_first_stage()
+        pre_process = parallel_state.is_pipeline_first_stage(ignore_virtual=False,
+                                                             vp_stage=vp_stage)
     if post_process is None:
-        post_process = parallel_state.is_pipeline_last_stage()
+        post_process = parallel_state.is_pipeline_last_stage(ignore_virtual=False,
+                                                             vp_stage=vp_stage)
     gpt = GPTModel(
         config=config,
         transformer_layer_spec=layer_spec(m),
@@ -186,6 +195,7 @@ def build_policy(model: ModelConfig, parallel: ParallelConfig, pg_collection=Non
         position_embedding_type="rope",
         rotary_base=int(m.rope_theta) if float(m.rope_theta).is_integer() else m.rope_theta,
         pg_collection=pg_collection,
+        vp_stage=vp_stage,
     )
     if hasattr(gpt, "rotary_pos_emb"):
         gpt.rotary_pos_emb.inv_freq = llama3_inv_freq(m).to(gpt.rotary_pos_emb.inv_freq.device)

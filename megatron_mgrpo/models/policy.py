@@ -1,7 +1,8 @@
 """The trainable policy: megatron-core model chunks, DDP, optimizer and LR schedule.
 
-Two operations, both through megatron-core's `get_forward_backward_func` so that TP, PP (1F1B)
-and DP behave exactly as in megatron training:
+Two operations, both through megatron-core's `get_forward_backward_func` so that TP, PP (1F1B,
+or interleaved 1F1B over model chunks with a virtual pipeline) and DP behave exactly as in
+megatron training:
 - `logprobs(batch)`: forward only; per-token log-probs and entropies, on every rank.
 - `train_step(batch, loss_fn)`: forward + backward + optimizer step. `loss_fn` turns a
   microbatch's log-probs (and entropies) into a per-token loss *sum*; megatron divides the
@@ -68,7 +69,8 @@ def _split_micro(batch: Batch, micro_batch_size: int) -> List[Batch]:
 
 
 class MegatronPolicy:
-    """A GPTModel stage on this rank, wrapped in megatron DDP, with its optimizer."""
+    """This rank's GPTModel stage (a list of model chunks with a virtual pipeline), each chunk
+    wrapped in megatron DDP, with their optimizer."""
 
     def __init__(self, cfg: Config, ctx: ParallelContext, total_steps: Optional[int] = None,
                  temperature: float = 1.0):
@@ -81,26 +83,33 @@ class MegatronPolicy:
         self.parallel: ParallelConfig = cfg.parallel
         self.temperature = temperature
         self.config = transformer_config(self.model_cfg, cfg.parallel)
-        module = build_policy(self.model_cfg, cfg.parallel, pg_collection=ctx.pg_collection,
-                              config=self.config)
-        module.to(ctx.device)
-        if self.config.bf16 or self.config.fp16:
-            # As in megatron training: every parameter (norms too) in half precision, the first
-            # stage's inputs cast down and the last stage's logits handed back in fp32.
-            from megatron.core.transformer.module import Float16Module
-
-            module = Float16Module(self.config, module)
         ddp_config = DistributedDataParallelConfig(
             grad_reduce_in_fp32=True,
             overlap_grad_reduce=False,
             use_distributed_optimizer=cfg.parallel.use_distributed_optimizer,
         )
-        self.model = DistributedDataParallel(config=self.config, ddp_config=ddp_config,
-                                             module=module, pg_collection=ctx.pg_collection)
+        # One model chunk per virtual pipeline stage (just one without a virtual pipeline),
+        # each in its own DDP, as megatron training builds them.
+        self.ddp_chunks = []
+        for vp_stage in (range(ctx.vp_size) if ctx.vp_size > 1 else [None]):
+            module = build_policy(self.model_cfg, cfg.parallel, pg_collection=ctx.pg_collection,
+                                  config=self.config, vp_stage=vp_stage)
+            module.to(ctx.device)
+            if self.config.bf16 or self.config.fp16:
+                # As in megatron training: every parameter (norms too) in half precision, the
+                # first stage's inputs cast down and the last stage's logits handed back in
+                # fp32.
+                from megatron.core.transformer.module import Float16Module
+
+                module = Float16Module(self.config, module)
+            self.ddp_chunks.append(DistributedDataParallel(
+                config=self.config, ddp_config=ddp_config, module=module,
+                pg_collection=ctx.pg_collection))
         self.config.finalize_model_grads_func = finalize_model_grads
-        self.config.no_sync_func = self.model.no_sync
+        self.config.no_sync_func = ([c.no_sync for c in self.ddp_chunks]
+                                    if len(self.ddp_chunks) > 1 else self.ddp_chunks[0].no_sync)
         self.optimizer = _build_optimizer(cfg.optimizer, cfg.parallel, self.model_cfg,
-                                          [self.model], ctx)
+                                          self.ddp_chunks, ctx)
         self.scheduler = _build_scheduler(self.optimizer, cfg.optimizer,
                                           total_steps or cfg.training.steps)
 
@@ -109,26 +118,37 @@ class MegatronPolicy:
     def load_full_state_dict(self, full: Dict[str, torch.Tensor]) -> None:
         """Load full (unsplit, HF-vocab-sized) megatron-named tensors into this rank's shards
         and refresh the optimizer's fp32 main params from them."""
-        load_full_state_dict(self.unwrapped, full, self.ctx.tp_rank, self.ctx.tp_size)
+        load_full_state_dict(self.chunks, full, self.ctx.tp_rank, self.ctx.tp_size)
         self.optimizer.reload_model_params()
 
     def full_state_dict(self, grads: bool = False) -> Dict[str, torch.Tensor]:
         """The full state dict (or the full main grads) on every rank. Small models only."""
         tensor_of = (lambda p: p.main_grad) if grads else (lambda p: p.data)
-        return gather_full_state_dict(self.unwrapped, self.ctx, self.model_cfg.vocab_size,
+        return gather_full_state_dict(self.chunks, self.ctx, self.model_cfg.vocab_size,
                                       tensor_of)
 
     # ---- forward ---------------------------------------------------------------------------
 
     @property
-    def unwrapped(self):
-        """The bare GPTModel (named parameters without the DDP / Float16Module prefixes)."""
+    def chunks(self) -> List[torch.nn.Module]:
+        """This rank's bare GPTModel chunks (named parameters without the DDP / Float16Module
+        prefixes): one, or one per virtual pipeline stage."""
         from megatron.core.models.gpt import GPTModel
 
-        m = self.model
-        while not isinstance(m, GPTModel):
-            m = m.module
-        return m
+        out = []
+        for m in self.ddp_chunks:
+            while not isinstance(m, GPTModel):
+                m = m.module
+            out.append(m)
+        return out
+
+    def parameters(self) -> List[torch.nn.Parameter]:
+        """Every parameter this rank holds, over its chunks."""
+        return [p for c in self.chunks for p in c.parameters()]
+
+    def _set_train(self, mode: bool) -> None:
+        for c in self.ddp_chunks:
+            c.train(mode)
 
     def _forward_step(self, data_iterator, model, loss_fn=None, with_entropy=True):
         micro = next(data_iterator)
@@ -159,13 +179,20 @@ class MegatronPolicy:
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
         micros = _split_micro(batch, self.parallel.micro_batch_size)
+        if self.ctx.vp_size > 1:
+            # The interleaved schedule runs microbatches in groups of PP: pad with all-masked
+            # microbatches to a multiple of it.
+            micros += [{k: torch.zeros_like(v) for k, v in micros[0].items()}
+                       for _ in range(-len(micros) % self.ctx.pp_size)]
         seq_len = batch["input_ids"].shape[1]
         fb = get_forward_backward_func()
+        # Each model chunk walks every microbatch, so each gets its own iterator.
+        data = [iter(micros) for _ in self.ddp_chunks] if self.ctx.vp_size > 1 else iter(micros)
         return micros, fb(
             forward_step_func=partial(self._forward_step, loss_fn=loss_fn,
                                       with_entropy=with_entropy),
-            data_iterator=iter(micros),
-            model=[self.model],
+            data_iterator=data,
+            model=self.ddp_chunks,
             num_microbatches=len(micros),
             seq_length=seq_len,
             micro_batch_size=self.parallel.micro_batch_size,
@@ -176,7 +203,7 @@ class MegatronPolicy:
     def logprobs(self, batch: Batch, with_entropy: bool = True
                  ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         """Per-token log-probs [B, S] (position t scores token t) and entropies, on all ranks."""
-        self.model.eval()
+        self._set_train(False)
         n, seq_len = batch["input_ids"].shape
         _, store = self._run(batch, None, forward_only=True, with_entropy=with_entropy)
         if self.ctx.is_last_stage:
@@ -190,7 +217,7 @@ class MegatronPolicy:
             dist.broadcast(lp, src=src, group=self.ctx.pp_group)
             if ent is not None:
                 dist.broadcast(ent, src=src, group=self.ctx.pp_group)
-        self.model.train()
+        self._set_train(True)
         return lp, ent
 
     def dp_shard(self, batch: Batch) -> Batch:
@@ -228,8 +255,9 @@ class MegatronPolicy:
         """Forward + backward into the (DP-reduced, token-normalised) grad buffers.
 
         Returns (global token-mean loss, global token count, metric means)."""
-        self.model.train()
-        self.model.zero_grad_buffer()
+        self._set_train(True)
+        for c in self.ddp_chunks:
+            c.zero_grad_buffer()
         self.optimizer.zero_grad()
         _, store = self._run(batch, loss_fn, forward_only=False, with_entropy=with_entropy)
         return self._reduce_metrics(store)

@@ -25,6 +25,7 @@ import torch.distributed as dist
 
 from megatron_mgrpo.algorithm import check_momentum
 from megatron_mgrpo.optim.adam_ema import AdamEMA
+from megatron_mgrpo.weights.megatron_layout import named_global_parameters
 
 
 @dataclass(frozen=True)
@@ -100,7 +101,8 @@ class ShardedMomentum:
                     entry.ema = entry.main.detach().float().clone()
                     adam.attach_ema([(entry.main, entry.ema)])
                 self.entries[id(entry.param)] = entry
-        missing = [n for n, p in policy.unwrapped.named_parameters() if id(p) not in self.entries]
+        missing = [n for n, p in named_global_parameters(policy.chunks)
+                   if id(p) not in self.entries]
         if missing:
             raise RuntimeError(f"momentum model: parameter {missing[0]} is not in the optimizer")
 

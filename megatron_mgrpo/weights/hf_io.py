@@ -98,7 +98,7 @@ def load_hf_into_policy(policy, directory: str) -> None:
     from megatron_mgrpo.weights.megatron_layout import load_full_tensors, stage_targets
 
     hf = HFCheckpoint(directory)
-    model = policy.unwrapped
+    model = policy.chunks
     try:
         load_full_tensors(model, hf_to_megatron(hf, policy.model_cfg, names=stage_targets(model)),
                           policy.ctx.tp_rank, policy.ctx.tp_size)

@@ -2,9 +2,10 @@
 
 A *full* state dict uses the names of the unsplit model (`decoder.layers.{global index}...`) and
 the real vocabulary size (no padding rows). A rank's *local* parameters are TP shards of those
-tensors, for the layers of its pipeline stage. Megatron marks every split parameter with
-`partition_dim` and `partition_stride`; a stride of 2 (the fused SwiGLU gate/up weight) means
-the tensor is made of 2 blocks, each split over TP separately.
+tensors, for the layers of its pipeline stage: one GPTModel, or with a virtual pipeline a list
+of model chunks, each with its own layer offset (functions here take either). Megatron marks
+every split parameter with `partition_dim` and `partition_stride`; a stride of 2 (the fused
+SwiGLU gate/up weight) means the tensor is made of 2 blocks, each split over TP separately.
 
 These functions serve the tests, checkpoint conversion and the weight push; the full dict of a
 big model never needs to exist at once: `shard_tensor` / `unshard_tensor` work tensor by tensor.
@@ -23,11 +24,29 @@ _EMBED = "embedding.word_embeddings.weight"
 _OUTPUT = "output_layer.weight"
 
 
+def model_chunks(model) -> List[torch.nn.Module]:
+    """This rank's model chunks: `model` itself, or the list it already is."""
+    return list(model) if isinstance(model, (list, tuple)) else [model]
+
+
 def layer_offset(model) -> int:
-    """Global index of this pipeline stage's first transformer layer."""
+    """Global index of this model chunk's first transformer layer."""
     from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 
-    return get_transformer_layer_offset(model.config)
+    return get_transformer_layer_offset(model.config, getattr(model, "vp_stage", None))
+
+
+def named_global_parameters(model) -> Iterator[Tuple[str, torch.nn.Parameter]]:
+    """(full name, parameter) over this rank's chunks, layers renamed to their global index.
+    The tied output layer of the last stage keeps its own name."""
+    for chunk in model_chunks(model):
+        offset = layer_offset(chunk)
+        for local, param in chunk.named_parameters():
+            yield to_global_name(local, offset), param
+
+
+def _tied(model) -> bool:
+    return model_chunks(model)[0].share_embeddings_and_output_weights
 
 
 def to_global_name(local: str, offset: int) -> str:
@@ -70,11 +89,9 @@ def _is_vocab(name: str) -> bool:
 def stage_targets(model) -> Dict[str, List[torch.nn.Parameter]]:
     """Full tensor name -> this rank's parameters that take a shard of it (the tied output
     layer of a last pipeline stage reads the embedding)."""
-    offset = layer_offset(model)
-    tied = model.share_embeddings_and_output_weights
+    tied = _tied(model)
     out: Dict[str, List[torch.nn.Parameter]] = {}
-    for local, param in model.named_parameters():
-        name = to_global_name(local, offset)
+    for name, param in named_global_parameters(model):
         if name == _OUTPUT and tied:
             name = _EMBED
         out.setdefault(name, []).append(param)
@@ -129,10 +146,8 @@ def iter_full_tensors(model, tp_group, tp_size: int, real_vocab_size: int,
     is gathered (the weight by default; `lambda p: p.main_grad` for gradients). The tied
     output layer of a last stage is skipped (it is the embedding).
     """
-    offset = layer_offset(model)
-    tied = model.share_embeddings_and_output_weights
-    for local, param in model.named_parameters():
-        name = to_global_name(local, offset)
+    tied = _tied(model)
+    for name, param in named_global_parameters(model):
         if name == _OUTPUT and tied:
             continue
         t = tensor_of(param).detach()

@@ -60,7 +60,7 @@ def iter_hf_tensors(policy, tensor_of: Optional[Callable] = None,
     The tensors may be views of live parameters: consume them before the next optimizer step.
     """
     ctx, cfg = policy.ctx, policy.model_cfg
-    for name, full in iter_full_tensors(policy.unwrapped, ctx.tp_group, ctx.tp_size,
+    for name, full in iter_full_tensors(policy.chunks, ctx.tp_group, ctx.tp_size,
                                         cfg.vocab_size, tensor_of or (lambda p: p.data)):
         for hf_name, t in megatron_to_hf_tensors(name, full, cfg):
             yield hf_name, (t if dtype is None else t.to(dtype))
