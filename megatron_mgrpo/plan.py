@@ -10,14 +10,20 @@ LM head). Memory per training GPU is the worst pipeline stage's, in these parts:
   pads it);
 - `grads`: the DDP gradient buffer, fp32 (`grad_reduce_in_fp32`);
 - `optimizer`: Adam's fp32 main params (only when the weights are not fp32), exp_avg and
-  exp_avg_sq, / DP with the distributed optimizer;
+  exp_avg_sq, / (DP x CP) with the distributed optimizer (megatron shards over both);
 - `ema`: the momentum model, an fp32 shard like the optimizer state (mgrpo mode only);
 - `activations`: what one microbatch keeps per layer for the backward (bf16 tensors of the
-  attention and SwiGLU blocks; sequence parallel divides the hidden-size ones by TP; Flash
-  attention keeps no s x s scores), times the microbatches 1F1B holds in flight on the first
-  stage (PP of them); `selective` recompute drops the attention core's, `full` keeps only each
-  layer's input plus one layer's working set;
-- `logits`: the last stage's fp32 logits and their gradient for one microbatch (vocab / TP);
+  attention and SwiGLU blocks; sequence parallel divides the hidden-size ones by TP, context
+  parallel all of them by CP; Flash attention keeps no s x s scores), times the layers a stage
+  holds in flight at its peak: 1F1B keeps PP - i microbatches of its L/PP layers on stage i;
+  the interleaved schedule (virtual pipeline V) keeps 2(PP - i - 1) + (V - 1) PP + 1 chunk
+  forwards of L/(PP V) layers each, which on stage 0 is megatron's (1 + (PP-1)/(PP V)) x L
+  (both at most the step's microbatches; the interleaved schedule pads them to a multiple of
+  PP);
+  `selective` recompute drops the attention core's, `full` keeps only each layer's input plus
+  one layer's working set;
+- `logits`: the last stage's fp32 logits and their gradient for one microbatch (vocab / TP,
+  sequence / CP);
 - `overhead`: CUDA context, NCCL buffers and allocator fragmentation, a flat allowance.
 
 The sequence length is data.max_prompt_length + rollout.max_new_tokens. The rollout side (SGLang
@@ -94,8 +100,9 @@ class MemoryPlan:
 
     params_total: int
     layout: Dict[str, object]
-    """tp, pp, dp, gpus, micro_batch_size, seq_len, rollout_servers, server_tp (ints) and
-    rollout_weights (bf16 | fp8)."""
+    """tp, pp, vpp, cp, dp, gpus, micro_batch_size, seq_len, microbatches (per DP rank and
+    step, before pruning), rollout_servers, server_tp (ints), pipeline_bubble (the idle share
+    of a pipelined step, (PP - 1) / (V x microbatches)) and rollout_weights (bf16 | fp8)."""
     per_gpu: Dict[str, float]
     """Training GPU of the worst pipeline stage: params, grads, optimizer, ema, activations,
     logits, overhead."""
@@ -169,33 +176,42 @@ def plan_memory(cfg: Config, num_gpus: int, gpu_memory_gib: float = 80.0,
 
     m = complete(cfg.model)
     p, r, d, a = cfg.parallel, cfg.rollout, cfg.data, cfg.algorithm
-    tp, pp = p.tensor_parallel, p.pipeline_parallel
-    if num_gpus % (tp * pp):
-        raise ValueError(f"{num_gpus} GPUs do not divide into TP={tp} x PP={pp}")
-    dp = num_gpus // (tp * pp)
+    tp, pp, cp = p.tensor_parallel, p.pipeline_parallel, p.context_parallel
+    vpp = p.virtual_pipeline if pp > 1 else 1
+    if num_gpus % (tp * pp * cp):
+        raise ValueError(f"{num_gpus} GPUs do not divide into TP={tp} x PP={pp} x CP={cp}")
+    dp = num_gpus // (tp * pp * cp)
     vocab = padded_vocab_size(m, tp)
     weight_bytes = 1 if m.fp8_param_gather else BYTES[m.params_dtype]
-    shard = 1 if not p.use_distributed_optimizer else dp
+    shard = 1 if not p.use_distributed_optimizer else dp * cp
     s = d.max_prompt_length + r.max_new_tokens
+    s_rank = s / cp  # context parallel: each rank keeps its share of every sequence
     recompute = p.recompute
+    sequences = d.prompts_per_step * (r.num_policy_rollouts + r.num_momentum_rollouts)
+    microbatches = max(1, math.ceil(math.ceil(sequences / dp) / p.micro_batch_size))
     worst = None
     for stage in range(pp):
         n = _stage_parameters(m, tp, pp, stage, vocab)
         layers = m.num_layers // pp + (1 if stage < m.num_layers % pp else 0)
-        act = _activations_per_layer(m, s, p.micro_batch_size, tp, p.sequence_parallel,
+        act = _activations_per_layer(m, s_rank, p.micro_batch_size, tp, p.sequence_parallel,
                                      recompute)
-        in_flight = pp - stage  # 1F1B: stage i holds pp - i microbatches at its peak
+        if vpp > 1:  # interleaved: warm-up chunk forwards (megatron's schedule) plus one
+            chunk_forwards = 2 * (pp - stage - 1) + (vpp - 1) * pp + 1
+            in_flight = min(chunk_forwards, -(-microbatches // pp) * pp * vpp) / vpp
+        else:  # 1F1B: stage i holds pp - i microbatches at its peak
+            in_flight = min(pp - stage, microbatches)
         acts = act * layers * in_flight
         if recompute == "full":  # one layer recomputed at a time keeps its full working set
-            acts += _activations_per_layer(m, s, p.micro_batch_size, tp, p.sequence_parallel,
-                                           "none")
+            acts += _activations_per_layer(m, s_rank, p.micro_batch_size, tp,
+                                           p.sequence_parallel, "none")
         parts = {
             "params": n * weight_bytes,
             "grads": n * 4,
             "optimizer": n * ((0 if weight_bytes == 4 else 4) + 8) / shard,
             "ema": n * 4 / shard if a.mode == "mgrpo" else 0.0,
             "activations": acts,
-            "logits": (2 * 4 * s * p.micro_batch_size * vocab / tp) if stage == pp - 1 else 0.0,
+            "logits": (2 * 4 * s_rank * p.micro_batch_size * vocab / tp) if stage == pp - 1
+            else 0.0,
         }
         gib = {k: v / GIB for k, v in parts.items()}
         gib["overhead"] = OVERHEAD_GIB
@@ -204,15 +220,17 @@ def plan_memory(cfg: Config, num_gpus: int, gpu_memory_gib: float = 80.0,
     total = count_parameters(cfg.model)["total"]
     servers = rollout_servers or max(len(cfg.sglang.urls), cfg.sglang.launch, 1)
     kv_per_token = 2 * m.num_layers * m.num_key_value_heads * m.head_dim * 2
-    sequences = d.prompts_per_step * (r.num_policy_rollouts + r.num_momentum_rollouts)
     kv = sequences * s * kv_per_token / servers / server_tp / GIB
     weights = rollout_weight_bytes(cfg.model, r.weight_format, r.fp8_block_size) \
         / server_tp / GIB
     capacity = gpu_memory_gib * mem_fraction
     rollout = {"weights_gib": weights, "kv_cache_gib": kv, "capacity_gib": capacity,
                "kv_fits": min(1.0, max(0.0, capacity - weights) / kv) if kv else 1.0}
-    return MemoryPlan(total, {"tp": tp, "pp": pp, "dp": dp, "gpus": num_gpus,
-                              "micro_batch_size": p.micro_batch_size, "seq_len": s,
+    bubble = (pp - 1) / (vpp * microbatches) if pp > 1 else 0.0
+    return MemoryPlan(total, {"tp": tp, "pp": pp, "vpp": vpp, "cp": cp, "dp": dp,
+                              "gpus": num_gpus, "micro_batch_size": p.micro_batch_size,
+                              "seq_len": s, "microbatches": microbatches,
+                              "pipeline_bubble": round(bubble, 4),
                               "rollout_servers": servers, "server_tp": server_tp,
                               "rollout_weights": "fp8" if r.weight_format == "fp8" else "bf16"},
                       worst, sum(worst.values()), gpu_memory_gib, rollout)
@@ -222,8 +240,12 @@ def format_plan(plan: MemoryPlan) -> str:
     """The plan as a few readable lines."""
     L = plan.layout
     lines = [f"parameters: {plan.params_total:,} ({plan.params_total / 1e9:.2f} B)",
-             f"layout: {L['gpus']} training GPUs = TP {L['tp']} x PP {L['pp']} x DP {L['dp']}; "
-             f"micro batch {L['micro_batch_size']} x {L['seq_len']} tokens",
+             f"layout: {L['gpus']} training GPUs = TP {L['tp']} x PP {L['pp']}"
+             + (f" (x {L['vpp']} model chunks each)" if L["vpp"] > 1 else "")
+             + (f" x CP {L['cp']}" if L["cp"] > 1 else "") + f" x DP {L['dp']}; "
+             f"micro batch {L['micro_batch_size']} x {L['seq_len']} tokens, "
+             f"{L['microbatches']} microbatches per step"
+             + (f" (pipeline bubble {L['pipeline_bubble']:.1%})" if L["pp"] > 1 else ""),
              "per training GPU (worst pipeline stage), GiB:"]
     lines += [f"  {k:<12}{v:8.2f}" for k, v in plan.per_gpu.items()]
     lines.append(f"  {'peak':<12}{plan.per_gpu_peak_gib:8.2f}  of {plan.gpu_memory_gib:g}")

@@ -68,9 +68,10 @@ def test_memory_parts_by_hand():
     first = layer + v * h          # stage 0: one layer and the embedding
     last = layer + h + v * h       # stage 1: one layer, the final norm, the LM head
     n = max(first, last)
-    assert plan.layout == {"tp": 1, "pp": 2, "dp": 2, "gpus": 4, "micro_batch_size": 2,
-                           "seq_len": 128, "rollout_servers": 1, "server_tp": 1,
-                           "rollout_weights": "bf16"}
+    assert plan.layout == {"tp": 1, "pp": 2, "vpp": 1, "cp": 1, "dp": 2, "gpus": 4,
+                           "micro_batch_size": 2, "seq_len": 128, "microbatches": 16,
+                           "pipeline_bubble": round(1 / 16, 4), "rollout_servers": 1,
+                           "server_tp": 1, "rollout_weights": "bf16"}
     gib = plan.per_gpu
     assert gib["params"] * GIB == pytest.approx(2 * n)
     assert gib["grads"] * GIB == pytest.approx(4 * n)
@@ -85,6 +86,48 @@ def test_memory_parts_by_hand():
     srt = plan_memory(load_config(None, [*model, "--algorithm.mode", "srt",
                                          "--rollout.num_momentum_rollouts", "0"]), 1)
     assert srt.per_gpu["ema"] == 0.0  # no momentum model outside mgrpo
+
+
+def test_virtual_pipeline_and_context_parallel_by_hand():
+    """4 layers, PP 2 x 2 model chunks (stage 0: layers 0, 2; stage 1: 1, 3) x CP 2 x DP 2 on
+    8 GPUs; 4 prompts x 8 rollouts = 16 sequences per DP rank = 8 microbatches of 2."""
+    kw = dict(architecture="llama", vocab_size=1000, hidden_size=64, intermediate_size=128,
+              num_layers=4, num_attention_heads=4, num_key_value_heads=2)
+    model = [x for k, v in kw.items() for x in (f"--model.{k}", str(v))]
+    common = [*model, "--model.params_dtype", "bf16", "--parallel.pipeline_parallel", "2",
+              "--parallel.micro_batch_size", "2", "--data.max_prompt_length", "100",
+              "--rollout.max_new_tokens", "28", "--data.prompts_per_step", "4",
+              "--rollout.num_policy_rollouts", "4", "--rollout.num_momentum_rollouts", "4"]
+    cfg = load_config(None, [*common, "--parallel.virtual_pipeline", "2",
+                             "--parallel.context_parallel", "2"])
+    plan = plan_memory(cfg, num_gpus=8)
+    assert {k: plan.layout[k] for k in ("tp", "pp", "vpp", "cp", "dp", "microbatches")} == \
+        {"tp": 1, "pp": 2, "vpp": 2, "cp": 2, "dp": 2, "microbatches": 8}
+    assert plan.layout["pipeline_bubble"] == pytest.approx(1 / (2 * 8))  # (PP-1) / (V m)
+    h, inter, v, b = 64, 128, 1000, 2
+    s = 128 // 2  # CP 2: each rank keeps half of every sequence
+    kv = 2 * (h // 4)
+    layer = h * h + 2 * h * kv + h * h + 3 * h * inter + 2 * h
+    per_layer = 2 * s * b * (4 * h + (h + 2 * kv) + 3 * inter + h)
+    # Interleaved warm-up on stage i: 2 (PP - i - 1) + (V - 1) PP chunk forwards, plus the one
+    # running; one layer per chunk. Stage 0: 5 = megatron's (1 + 1/4) x 4 layers.
+    stages = [dict(n=2 * layer + v * h, acts=5 * per_layer, logits=0),
+              dict(n=2 * layer + h + v * h, acts=3 * per_layer, logits=2 * 4 * s * b * v)]
+    for st in stages:
+        st["total"] = (2 + 4 + 12 / 4 + 4 / 4) * st["n"] + st["acts"] + st["logits"]
+    worst = max(stages, key=lambda st: st["total"])
+    gib = plan.per_gpu
+    assert gib["params"] * GIB == pytest.approx(2 * worst["n"])
+    assert gib["optimizer"] * GIB == pytest.approx(12 * worst["n"] / 4)  # / (DP x CP)
+    assert gib["ema"] * GIB == pytest.approx(4 * worst["n"] / 4)
+    assert gib["activations"] * GIB == pytest.approx(worst["acts"])
+    assert gib["logits"] * GIB == pytest.approx(worst["logits"])
+    # Without the virtual pipeline stage 0 holds 2 microbatches of its 2 layers: 4, not 5.
+    plain = plan_memory(load_config(None, [*common, "--parallel.context_parallel", "2"]), 8)
+    assert plain.layout["pipeline_bubble"] == pytest.approx(1 / 8)
+    assert plan.per_gpu["activations"] > plain.per_gpu["activations"]
+    with pytest.raises(ValueError, match="CP=2"):
+        plan_memory(cfg, num_gpus=6)
 
 
 def plan_cli(*args):
