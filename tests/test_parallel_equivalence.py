@@ -184,3 +184,20 @@ def test_virtual_pipeline_matches_pp1(references, name):
     assert layers == [[["0"], ["2"]], [["1"], ["3"]]]
     assert "embedding.word_embeddings.weight" in runs[0]["chunks"][0]
     assert "decoder.final_layernorm.weight" in runs[1]["chunks"][1]
+
+
+def test_virtual_pipeline_with_dp2_and_the_distributed_optimizer():
+    """PP=2 x 2 model chunks x DP=2 (4 processes): each chunk's grad buffer sharded by the
+    distributed optimizer; the same steps and weights as the unsplit model."""
+    batch = make_batch(MODELS["qwen3_4l"]["vocab_size"], batch=8)
+    (ref,) = run_workers(policy_worker, 1, MODELS["qwen3_4l"], 1, 1, False, None, batch, 2)
+    runs = run_workers(policy_worker, 4, MODELS["qwen3_4l"], 1, 2, True, ref["init"], batch, 2,
+                       "none", 2)
+    for run in runs:  # each DP rank saw its half of the batch
+        rows = slice(run["dp_rank"] * 4, (run["dp_rank"] + 1) * 4)
+        torch.testing.assert_close(run["logprobs"], ref["logprobs"][rows], atol=2e-5, rtol=1e-5)
+        assert run["loss"] == pytest.approx(ref["loss"], rel=1e-5)
+        for got, want in zip(run["steps"], ref["steps"]):
+            assert got.loss == pytest.approx(want.loss, rel=1e-5)
+            assert got.grad_norm == pytest.approx(want.grad_norm, rel=1e-4)
+        assert_close_dicts(run["final"], ref["final"], atol=WEIGHT_ATOL, rtol=0, what="weight")
