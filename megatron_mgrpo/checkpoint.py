@@ -69,12 +69,12 @@ def _sharded_state(policy, momentum, is_loading: bool, trainer_state: Dict[str, 
 
     # One sharded dict per model chunk; their keys are global (layer offsets applied), so the
     # files are the same with or without a virtual pipeline and load at any layout.
+    # The optimizer maps its state onto these same entries, as megatron training passes it.
     chunks = policy.chunks
     state = {"model": [c.sharded_state_dict() for c in chunks], "trainer": trainer_state}
     if with_optimizer:
         state["optimizer"] = policy.optimizer.sharded_state_dict(
-            [c.sharded_state_dict() for c in chunks], is_loading=is_loading,
-            metadata=_OPTIM_META)
+            state["model"], is_loading=is_loading, metadata=_OPTIM_META)
         state["scheduler"] = policy.scheduler.state_dict()
     if with_rng:
         # Each rank's RNG state, keyed by global rank: restored only at the same world size
