@@ -300,7 +300,14 @@ class AlgorithmConfig:
     """PPO ratio clip above 1 (ratio <= 1 + clip_high)."""
 
     kl_coef: float = 0.0
-    """Weight of the low-variance KL to the reference model (0 disables the reference)."""
+    """Weight of the low-variance (k3) KL to the reference model (0: no reference is built
+    and no KL is computed)."""
+
+    kl_reference: Literal["base", "momentum"] = "base"
+    """What the KL anchors to when kl_coef > 0: `base` (the frozen initial weights, a third
+    copy of the model in the training dtype, one extra forward per step) or `momentum` (the
+    momentum model itself: no extra copy, its log-probs from a forward with the EMA weights
+    swapped in)."""
 
     entropy_coef: float = 0.0
     """Weight of the entropy bonus."""
@@ -692,6 +699,10 @@ def _validate(cfg: Config, world_size: Optional[int]) -> None:
         _fail("algorithm.clip_low", a.clip_low, "a number in [0, 1)")
     if a.clip_high < 0:
         _fail("algorithm.clip_high", a.clip_high, "a number >= 0")
+    _one_of("algorithm.kl_reference", a.kl_reference, ("base", "momentum"))
+    if a.kl_coef > 0 and a.kl_reference == "momentum" and a.mode != "mgrpo":
+        _fail("algorithm.kl_reference", a.kl_reference,
+              f"base in mode {a.mode} (no momentum model is kept there)")
     for name in ("kl_coef", "entropy_coef", "advantage_eps"):
         if getattr(a, name) < 0:
             _fail(f"algorithm.{name}", getattr(a, name), "a number >= 0")
