@@ -163,16 +163,29 @@ def test_update_interval_skips_steps():
 def test_bf16_sharded_ema_equals_the_plain_optimizers():
     """bf16 params at DP=2: the EMA follows the fp32 main params, sharded over the ranks
     (distributed optimizer) or whole on each (plain optimizer): the same EMA, and not the EMA
-    of the bf16 weights."""
+    of the bf16 weights.
+
+    Not bitwise: the two optimizers sum the squares for the clipping grad norm in a different
+    order (per shard then all-reduced, or per tensor), so the clip factor, and with it the fp32
+    main params and their EMA, may differ in the last bit (seen on some CPUs: up to 0.4 ulp of
+    a tensor's largest element after two steps). The bound, 4 fp32 ulps of the tensor's largest
+    element, is still over 100 times smaller than how far the EMA moved and than the gap to
+    the EMA of the bf16 weights, both asserted, so a wrong EMA cannot pass."""
     sharded = run_workers(ema_worker, 2, True, "bf16", 2, SCHEDULE)[0]
     plain = run_workers(ema_worker, 2, False, "bf16", 2, SCHEDULE)[0]
     assert plain["ema_bytes"] == 4 * plain["params"]
     assert sharded["ema_bytes"] == pytest.approx(2 * sharded["params"], rel=0.05)
+    eps = torch.finfo(torch.float32).eps
     for k in plain["ema"]:
         assert sharded["ema"][k].dtype == torch.float32
-        assert torch.equal(sharded["ema"][k], plain["ema"][k]), k
-    # The reference EMA of the bf16 weights differs from one of the fp32 main params.
-    assert any(not torch.equal(sharded["ema"][k], sharded["ref"][k]) for k in sharded["ref"])
+        bound = 4 * eps * float(plain["ema"][k].abs().max())
+        gap = float((sharded["ema"][k] - plain["ema"][k]).abs().max())
+        moved = float((plain["ema"][k] - plain["init"][k]).abs().max())
+        assert gap <= bound < moved / 100, (k, gap, bound, moved)
+    # The reference EMA of the bf16 weights differs from one of the fp32 main params, by far
+    # more than the bound above.
+    assert max(float((sharded["ema"][k] - sharded["ref"][k]).abs().max()) /
+               float(sharded["ema"][k].abs().max()) for k in sharded["ref"]) > 100 * 4 * eps
 
 
 # ---- the Triton kernel, under Triton's CPU interpreter -------------------------------------
