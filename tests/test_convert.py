@@ -185,7 +185,7 @@ def test_layout_on_disk_is_megatrons_own(converted, tmp_path):
 
 
 def test_export_of_momentum_from_a_converted_model_is_refused(converted, tmp_path):
-    from megatron_mgrpo.weights.convert import ConversionError
+    from megatron_mgrpo.weights.files import ConversionError
 
     with pytest.raises(ConversionError, match="no momentum model"):
         megatron_to_hf(converted["llama"]["mcore"], str(tmp_path / "x"), model="momentum")

@@ -36,7 +36,8 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> dict:
-    from megatron_mgrpo.weights.convert import ConversionError, convert_hf_to_megatron
+    from megatron_mgrpo.weights.convert import convert_hf_to_megatron
+    from megatron_mgrpo.weights.files import ConversionError
 
     args = parse_args(argv)
     try:

@@ -37,7 +37,8 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> dict:
-    from megatron_mgrpo.weights.convert import ConversionError, export_megatron_to_hf
+    from megatron_mgrpo.weights.convert import export_megatron_to_hf
+    from megatron_mgrpo.weights.files import ConversionError
 
     args = parse_args(argv)
     try:

@@ -10,7 +10,8 @@
    files): `AutoModelForCausalLM.from_pretrained(out)` and `load_tokenizer(out)` load it offline.
 5. Measure the base on the val split: greedy accuracy, pass@1 and maj@k (k samples at
    temperature 1), written to `<out>/base_eval.json` and printed. Self-training needs
-   maj@k well above pass@1 (DESIGN.md); the defaults are chosen for that.
+   maj@k well above pass@1 (docs/design.md, "When self-training can work at all"); the
+   defaults are chosen for that.
 """
 
 from __future__ import annotations

@@ -22,7 +22,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 def main(argv=None) -> dict:
     from megatron_mgrpo.config import ConfigError
-    from megatron_mgrpo.weights.convert import ConversionError
+    from megatron_mgrpo.weights.files import ConversionError
     from megatron_mgrpo.weights.fp8 import quantize_hf_dir
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])

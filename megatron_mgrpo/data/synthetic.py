@@ -19,7 +19,7 @@ Splits, all from one seed, disjoint by prompt text (`write_task`):
   equations before it stay right). Such errors scatter, so a model trained on them answers each
   prompt with its own result or with one of many different wrong values; a majority vote over
   its samples is then right much more often than one sample is (maj@k well above pass@1),
-  which is what self-training needs (DESIGN.md, "When self-training can work at all").
+  which is what self-training needs (docs/design.md, "When self-training can work at all").
   `answer` stays the true answer and `noisy` says which rows were corrupted.
 - `train.jsonl`: the RL prompts. `answer` is the true answer, used only for reporting (and by
   mode rlvr); `solution` is the clean worked solution, never trained on by self-supervised RL.

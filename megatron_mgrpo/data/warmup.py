@@ -5,7 +5,7 @@ task's worked solutions (`sft.jsonl`, see `synthetic.py`). The loss covers the c
 for each row the sequence is `encode_prompt(prompt) + encode(solution) + [EOS]` and the targets
 are the solution's tokens and the EOS.
 
-Why the warm-up is shaped as it is (DESIGN.md, "When self-training can work at all"): the RL
+Why the warm-up is shaped as it is (docs/design.md, "When self-training can work at all"): the RL
 reward is agreement with a majority vote, which only teaches the right thing where the vote is
 right much more often than one sample (maj@k well above pass@1). The SFT data has a random wrong
 boxed answer in a fraction of the solutions (`TaskSpec.noise`, 0.5), drawn uniformly from

@@ -16,61 +16,27 @@ Both read one tensor at a time and write it before reading the next (`safetensor
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
-import shutil
 import time
 from typing import Callable, Dict, Optional, Tuple
 
 import torch
 
 from megatron_mgrpo.config.schema import ConfigError, ModelConfig
+from megatron_mgrpo.weights.files import (ConversionError, copy_tokenizer, staged_dir,
+                                          write_json)
 
 DIST_SUBDIR = "dist_checkpoint"
 RECORD = "conversion.json"
-# Files of an HF model directory that belong to its tokenizer (copied along with the weights).
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                   "tokenizer.model", "mgrpo_tokenizer.json", "vocab.json", "merges.txt",
-                   "generation_config.json", "chat_template.jinja")
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
 _DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 # Tensors HF checkpoints may carry that are not weights of the model (recomputed at load).
 _IGNORABLE_SUFFIXES = (".rotary_emb.inv_freq",)
 
 
-class ConversionError(ValueError):
-    """Bad input for a conversion, said in one line."""
-
-
 # ---- shared ---------------------------------------------------------------------------------
-
-@contextlib.contextmanager
-def staged_dir(out_dir: str, overwrite: bool):
-    """Yield `<out_dir>.tmp` to write into; rename it to `out_dir` on success, remove it on
-    failure, so nothing half-written ever sits under the final name."""
-    out_dir = out_dir.rstrip("/")
-    if os.path.exists(out_dir) and not overwrite:
-        raise ConversionError(f"{out_dir!r} exists; pass --force to replace it")
-    tmp = out_dir + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    shutil.rmtree(out_dir, ignore_errors=True)
-    os.replace(tmp, out_dir)
-
-
-def copy_tokenizer(src_dir: Optional[str], dst_dir: str) -> None:
-    if src_dir and os.path.isdir(src_dir):
-        for name in TOKENIZER_FILES:
-            if os.path.isfile(os.path.join(src_dir, name)):
-                shutil.copy2(os.path.join(src_dir, name), os.path.join(dst_dir, name))
-
 
 class Progress:
     """A line every ~10% of the bytes, with throughput (long conversions say where they are)."""
@@ -300,8 +266,3 @@ def export_megatron_to_hf(source: str, out_dir: str, model: str = "policy",
 def _read_json(path: str) -> Dict:
     with open(path) as f:
         return json.load(f)
-
-
-def write_json(path: str, obj) -> None:
-    with open(path, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)

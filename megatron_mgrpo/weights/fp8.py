@@ -166,8 +166,8 @@ def quantize_hf_dir(src: str, dst: str, block_size: int = 128, overwrite: bool =
     import os
 
     from megatron_mgrpo.models.architecture import read_hf_config
-    from megatron_mgrpo.weights.convert import (ConversionError, copy_tokenizer, staged_dir,
-                                                write_json)
+    from megatron_mgrpo.weights.files import (ConversionError, copy_tokenizer, staged_dir,
+                                              write_json)
     from megatron_mgrpo.weights.safetensors_io import (DTYPES, StreamingWriter, read_header,
                                                        read_tensor)
 
