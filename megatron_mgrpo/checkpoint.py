@@ -1,5 +1,6 @@
 """Checkpoints through megatron-core's dist_checkpointing: policy, optimizer, momentum model,
-LR schedule, RNG and the trainer's own state (step, data position), in one directory per step.
+LR schedule, RNG, the reference model where it cannot be rebuilt from model.load, and the
+trainer's own state (step, data position), in one directory per step.
 
 The policy and the momentum model are saved as sharded tensors keyed like the model, so a
 checkpoint loads at another TP/PP/DP layout; the optimizer's state is sharded per parameter
@@ -10,6 +11,7 @@ only ever names a complete one.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 from typing import Any, Dict, Optional
@@ -63,8 +65,14 @@ def _init_optimizer_state(optimizer) -> None:
             opt._init_optimizer_states_with_dummy_values()
 
 
+def _reference_entries(reference) -> Dict[str, Any]:
+    """The reference model's weights as sharded tensors keyed `reference.<model key>`."""
+    return {k: dataclasses.replace(sh, key="reference." + sh.key)
+            for k, (sh, _) in _sharded_params(reference.chunks).items()}
+
+
 def _sharded_state(policy, momentum, is_loading: bool, trainer_state: Dict[str, Any],
-                   with_rng: bool = True, with_optimizer: bool = True):
+                   with_rng: bool = True, with_optimizer: bool = True, reference=None):
     from megatron.core.dist_checkpointing.mapping import ShardedObject
 
     # One sharded dict per model chunk; their keys are global (layer offsets applied), so the
@@ -83,12 +91,15 @@ def _sharded_state(policy, momentum, is_loading: bool, trainer_state: Dict[str, 
                                      (dist.get_world_size(),), (dist.get_rank(),), replica_id=0)
     if momentum is not None:
         state["momentum"] = momentum.sharded_state_dict(_sharded_params(chunks), is_loading)
+    if reference is not None:
+        state["reference"] = _reference_entries(reference)
     return state
 
 
 def save_checkpoint(run_dir: str, step: int, policy, momentum=None,
-                    trainer_state: Optional[Dict[str, Any]] = None) -> str:
-    """Save everything needed to resume after `step`; returns the directory. Collective."""
+                    trainer_state: Optional[Dict[str, Any]] = None, reference=None) -> str:
+    """Save everything needed to resume after `step`; returns the directory. Collective.
+    `reference`: a frozen model saved beside the policy (when nothing else can rebuild it)."""
     from megatron.core import dist_checkpointing
 
     final = step_dir(run_dir, step)
@@ -100,7 +111,9 @@ def save_checkpoint(run_dir: str, step: int, policy, momentum=None,
     state = _sharded_state(policy, momentum, is_loading=False,
                            trainer_state=dict(trainer_state or {}, step=step,
                                               world_size=dist.get_world_size(),
-                                              momentum=momentum.state() if momentum else {}))
+                                              momentum=momentum.state() if momentum else {},
+                                              has_reference=reference is not None),
+                           reference=reference)
     dist_checkpointing.save(state, tmp)
     dist.barrier()
     if dist.get_rank() == 0:
@@ -114,10 +127,11 @@ def save_checkpoint(run_dir: str, step: int, policy, momentum=None,
     return final
 
 
-def load_checkpoint(path: str, policy, momentum=None, load_optimizer: bool = True
-                    ) -> Dict[str, Any]:
+def load_checkpoint(path: str, policy, momentum=None, load_optimizer: bool = True,
+                    reference=None) -> Dict[str, Any]:
     """Load a checkpoint directory into the policy (and optimizer, momentum model, schedule,
-    RNG); returns the trainer state saved with it. Collective."""
+    RNG, and the reference model where one was saved); returns the trainer state saved with
+    it. Collective."""
     from megatron.core import dist_checkpointing
 
     if not os.path.isdir(path):
@@ -126,9 +140,11 @@ def load_checkpoint(path: str, policy, momentum=None, load_optimizer: bool = Tru
         apply_megatron_compat()
         _init_optimizer_state(policy.optimizer)
     saved = read_trainer_state(path)
+    if not saved.get("has_reference"):
+        reference = None
     template = _sharded_state(policy, momentum, is_loading=True, trainer_state={},
                               with_rng=saved.get("world_size") == dist.get_world_size(),
-                              with_optimizer=load_optimizer)
+                              with_optimizer=load_optimizer, reference=reference)
     if momentum is None:
         template.pop("momentum", None)
     loaded = dist_checkpointing.load(template, path)
@@ -139,10 +155,14 @@ def load_checkpoint(path: str, policy, momentum=None, load_optimizer: bool = Tru
         unshare_adam_steps(policy.optimizer)
         policy.scheduler.load_state_dict(loaded["scheduler"])
     else:
-        policy.optimizer.reload_model_params()
+        policy.weights_changed()
     if momentum is not None:
         momentum.load_sharded(loaded["momentum"], _sharded_params(policy.chunks))
         momentum.load_state(saved.get("momentum", {}))
+    if reference is not None:
+        with torch.no_grad():
+            for key, (_, param) in _sharded_params(reference.chunks).items():
+                param.copy_(loaded["reference"][key])
     rng = loaded.get("rng")
     if isinstance(rng, dict) and "torch" in rng:
         torch.set_rng_state(rng["torch"])
@@ -168,7 +188,7 @@ def load_model_weights(policy, path: str) -> None:
     with torch.no_grad():
         for key, (_, param) in params.items():
             param.copy_(loaded[key])
-    policy.optimizer.reload_model_params()
+    policy.weights_changed()
 
 
 def read_trainer_state(path: str) -> Dict[str, Any]:
@@ -177,3 +197,13 @@ def read_trainer_state(path: str) -> Dict[str, Any]:
 
     return load_common_state_dict(path)["trainer"]
 
+
+
+class SaveSchedule:
+    """training.save_interval's rule: every `interval` steps (0: never) and at the last step."""
+
+    def __init__(self, interval: int, last_step: int):
+        self.interval, self.last_step = interval, last_step
+
+    def due(self, step: int) -> bool:
+        return bool(self.interval and step % self.interval == 0) or step == self.last_step

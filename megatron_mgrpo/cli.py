@@ -170,7 +170,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             evaluate_model_dir(cfg, args.model)
             return 0
         if args.command == "eval":
-            from megatron_mgrpo.trainer import evaluate_checkpoint
+            from megatron_mgrpo.evaluation.run import evaluate_checkpoint
 
             evaluate_checkpoint(cfg, args.checkpoint)
             return 0

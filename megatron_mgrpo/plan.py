@@ -12,6 +12,9 @@ LM head). Memory per training GPU is the worst pipeline stage's, in these parts:
 - `optimizer`: Adam's fp32 main params (only when the weights are not fp32), exp_avg and
   exp_avg_sq, / (DP x CP) with the distributed optimizer (megatron shards over both);
 - `ema`: the momentum model, an fp32 shard like the optimizer state (mgrpo mode only);
+- `reference`: the frozen reference model of the KL term, the stage's weights again in
+  `model.params_dtype` (only with `algorithm.kl_coef > 0` and `kl_reference: base`; the
+  `momentum` reference borrows the policy's weights for one forward and keeps no copy);
 - `activations`: what one microbatch keeps per layer for the backward (bf16 tensors of the
   attention and SwiGLU blocks; sequence parallel divides the hidden-size ones by TP, context
   parallel all of them by CP; Flash attention keeps no s x s scores), times the layers a stage
@@ -209,6 +212,8 @@ def plan_memory(cfg: Config, num_gpus: int, gpu_memory_gib: float = 80.0,
             "grads": n * 4,
             "optimizer": n * ((0 if weight_bytes == 4 else 4) + 8) / shard,
             "ema": n * 4 / shard if a.mode == "mgrpo" else 0.0,
+            "reference": n * BYTES[m.params_dtype] if a.kl_coef > 0 and a.kl_reference == "base"
+            else 0.0,
             "activations": acts,
             "logits": (2 * 4 * s_rank * p.micro_batch_size * vocab / tp) if stage == pp - 1
             else 0.0,

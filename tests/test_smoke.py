@@ -36,9 +36,13 @@ def reference():
     return run_workers(smoke_worker, 1, [])[0]
 
 
-def test_fixed_batch_updates_lower_the_loss_and_follow_the_vote(reference):
+def test_fixed_batch_updates_follow_the_vote(reference):
+    """The smoke is the training step over a fixed batch: each step scores the batch with the
+    policy it then updates (on-policy, ratio 1 before the single update, nothing clipped), so
+    the loss is no learning curve; the log-probs of agreeing and disagreeing completions are."""
     first, last = reference[0], reference[-1]
-    assert last["loss"] < first["loss"] - 0.05
+    for m in reference:
+        assert m["ratio_mean"] == pytest.approx(1.0, abs=1e-6) and m["clip_frac"] == 0.0
     # The policy moves probability towards completions that agree with the pseudo-label.
     assert last["logp_agree"] > first["logp_agree"] + 0.05
     assert last["logp_disagree"] < first["logp_disagree"] - 0.05
@@ -62,7 +66,7 @@ def test_parallel_layouts_reproduce_tp1(reference, overrides):
 def test_bf16_policy_is_all_bf16_and_tracks_fp32(reference):
     (dtypes, run), = run_workers(bf16_worker, 1)
     assert dtypes == {"torch.bfloat16"}  # norms included (Float16Module), as megatron trains
-    assert run[-1]["loss"] < run[0]["loss"] - 0.05
+    assert run[-1]["logp_agree"] > run[0]["logp_agree"] + 0.05
     for got, want in zip(run, reference):
         # bf16 has ~3 significant digits: the same trajectory, to within bf16 rounding.
         assert got["loss"] == pytest.approx(want["loss"], abs=5e-3)

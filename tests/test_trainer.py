@@ -60,19 +60,16 @@ def overrides(base, run_dir, steps, *extra):
 
 def train_worker(args):
     from megatron_mgrpo.config import load_config
-    from megatron_mgrpo.trainer import Trainer
+    from megatron_mgrpo.session import Session
+    from megatron_mgrpo.trainer import run_training
 
     cfg = load_config(os.path.join(ROOT, "examples/tiny/config.yaml"), args)
-    trainer = Trainer(cfg)
-    try:
-        history = trainer.run()
-    finally:
-        if trainer.engine is not None:
-            trainer.engine.close()
-    versions = None
-    if trainer.engine is not None:
-        versions = (trainer.engine.weight_version("policy"),
-                    trainer.engine.weight_version("momentum"))
+    with Session(cfg, "train") as session:
+        history = run_training(session)
+        versions = None
+        if session.engine is not None:
+            versions = (session.engine.weight_version("policy"),
+                        session.engine.weight_version("momentum"))
     return history, versions
 
 
@@ -257,7 +254,7 @@ def test_every_mode_runs_through_the_same_loop(tiny_base, tmp_path, mode):
 
 def eval_worker(args):
     from megatron_mgrpo.config import load_config
-    from megatron_mgrpo.trainer import evaluate_checkpoint
+    from megatron_mgrpo.evaluation.run import evaluate_checkpoint
 
     return evaluate_checkpoint(load_config(os.path.join(ROOT, "examples/tiny/config.yaml"), args))
 
@@ -391,3 +388,70 @@ def test_a_run_from_the_converted_base_equals_the_run_from_the_hf_base(tiny_base
     assert history[0] == reference[0]
     # This run validates at its last step (1); the reference does not: compare the rest.
     assert {k: history[1][k] for k in reference[1]} == reference[1]
+
+
+@pytest.mark.parametrize("case", ["base", "momentum", "random_init"])
+def test_a_run_with_kl_killed_and_resumed_equals_the_uninterrupted_run(tiny_base, tmp_path,
+                                                                       case):
+    """kl_coef > 0, the reference being the base (model.load rebuilds it), the momentum model,
+    or a random init (the checkpoint holds it: the resumed run inits with another seed, so only
+    the saved reference can give the uninterrupted run's numbers). The entropy bonus moves the
+    policy whatever the rewards, so the KL grows from 0."""
+    kl = ["--algorithm.kl_coef", "0.05", "--algorithm.entropy_coef", "0.01",
+          "--training.eval_interval", "0", "--eval.interval", "0"]
+    if case == "momentum":
+        kl += ["--algorithm.kl_reference", "momentum"]
+    if case == "random_init":
+        kl += ["--model.load", "null", "--model.hf_config", tiny_base,
+               "--data.tokenizer", tiny_base]
+    full_dir, part_dir = str(tmp_path / "full"), str(tmp_path / "part")
+    (full, _), = run_workers(train_worker, 1, overrides(tiny_base, full_dir, 4, *kl))
+    run_workers(train_worker, 1, overrides(tiny_base, part_dir, 2, *kl))
+    other_init = ["--model.seed", "99"] if case == "random_init" else []
+    (resumed, _), = run_workers(train_worker, 1, overrides(
+        tiny_base, part_dir, 4, "--training.resume", "true", *kl, *other_init))
+    assert [m["step"] for m in resumed] == [3, 4]
+    assert strip_timing(resumed) == strip_timing(full[-2:])
+    assert full[0]["kl"] == pytest.approx(0.0, abs=1e-9) and full[-1]["kl"] > 1e-6
+    from megatron_mgrpo.checkpoint import read_trainer_state, step_dir
+
+    assert read_trainer_state(step_dir(part_dir, 2))["has_reference"] == (case == "random_init")
+
+
+def test_eval_prints_its_table_and_needs_no_training_data(tiny_base, uninterrupted):
+    """`mgrpo eval CONFIG --checkpoint DIR`: what it loads and the benchmark table on stdout,
+    with data.train_path unset (eval reads no training data)."""
+    import subprocess
+    import sys
+
+    run_dir, (history, _) = uninterrupted
+    args = overrides(tiny_base, run_dir, 4, "--data.train_path", "null")
+    done = subprocess.run([sys.executable, "-m", "megatron_mgrpo.cli", "eval",
+                           os.path.join(ROOT, "examples/tiny/config.yaml"), "--checkpoint",
+                           os.path.join(run_dir, "checkpoints", "step_0000004"), *args],
+                          capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "eval: loading" in done.stdout and "step_0000004" in done.stdout
+    assert f"val_accuracy (pass@1, k=2) {history[-1]['val_accuracy']:.4f}" in done.stdout
+    table = [line for line in done.stdout.splitlines() if line.startswith("math500")]
+    assert table and "pass@1" in done.stdout
+
+
+def test_training_without_train_path_is_one_line(tiny_base, tmp_path):
+    import subprocess
+    import sys
+
+    args = overrides(tiny_base, str(tmp_path), 1, "--data.train_path", "null")
+    done = subprocess.run([sys.executable, "-m", "megatron_mgrpo.cli", "train",
+                           os.path.join(ROOT, "examples/tiny/config.yaml"), *args],
+                          capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert done.returncode == 2
+    assert done.stderr.strip() == ("mgrpo: config error: data.train_path: got None; accepted: "
+                                   "a jsonl or parquet file of training prompts (mgrpo train "
+                                   "needs one)")
+    missing = subprocess.run([sys.executable, "-m", "megatron_mgrpo.cli", "eval",
+                              os.path.join(ROOT, "examples/tiny/config.yaml"), "--checkpoint",
+                              str(tmp_path / "nope"), *args],
+                             capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert missing.returncode == 2 and "Traceback" not in missing.stderr
+    assert "--checkpoint: no checkpoint directory at" in missing.stderr

@@ -27,7 +27,7 @@ from megatron_mgrpo.eval_metrics import benchmark_scores
 from megatron_mgrpo.evaluation.benchmarks import Benchmark, EvalProblem, load_benchmark
 
 __all__ = ["load_configured", "prompt_ids", "run_benchmarks", "flat_metrics", "format_table",
-           "save_results"]
+           "save_results", "output_dir", "report"]
 
 
 def load_configured(cfg, log: Callable[[str], None] = print) -> List[Benchmark]:
@@ -232,3 +232,19 @@ def save_results(doc: Dict[str, Any], path: str) -> None:
             for name, texts in completions.items():
                 for record, row in zip(slim["benchmarks"][name]["problems"], texts):
                     f.write(json.dumps({"benchmark": name, **record, "completions": row}) + "\n")
+
+
+def output_dir(cfg) -> str:
+    """Where a config's results go: eval.output_dir, else `<training.run_dir>/eval`."""
+    return cfg.eval.output_dir or os.path.join(cfg.training.run_dir, "eval")
+
+
+def report(doc: Dict[str, Any], path: str, log: Callable[[str], None] = print) -> None:
+    """Save the results document at `path` and print its table."""
+    save_results(doc, path)
+    title = doc["model"] + (f" (step {doc['step']})" if doc.get("step") is not None else "")
+    log(f"eval: {title}, T={doc['sampling']['temperature']}, "
+        f"max_new_tokens={doc['sampling']['max_new_tokens']}")
+    for line in format_table(doc).splitlines():
+        log(line)
+    log(f"eval: results in {path}")

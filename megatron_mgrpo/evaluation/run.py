@@ -1,35 +1,58 @@
-"""Benchmark runs outside training: an HF model directory straight into the rollout engine.
+"""Evaluation outside training: `mgrpo eval`.
 
-`mgrpo eval CONFIG --model HF_DIR` lands here (a checkpoint goes through the trainer, which owns
-the Megatron model: `trainer.evaluate_checkpoint`). No Megatron model is built, so any model the
-rollout engine serves can be scored, e.g. a base model or one converted back from a run.
+- `evaluate_checkpoint`: a run's checkpoint (or model.load) in a Session built for eval (the
+  policy frozen, no optimizer, no momentum model, no training data), through the rollout engine.
+- `evaluate_model_dir`: an HF model directory straight into the rollout engine; no Megatron
+  model is built, so any model the engine serves can be scored, e.g. a base model or one
+  converted back from a run.
 """
 
 from __future__ import annotations
 
 import os
-from typing import Any, Callable, Dict
+from typing import Any, Callable, Dict, Optional
 
-from megatron_mgrpo.evaluation.harness import (format_table, load_configured, run_benchmarks,
-                                               save_results)
+from megatron_mgrpo.evaluation.harness import (load_configured, output_dir, report,
+                                               run_benchmarks)
 
-__all__ = ["output_dir", "report", "evaluate_model_dir"]
-
-
-def output_dir(cfg) -> str:
-    """Where a config's results go: eval.output_dir, else `<training.run_dir>/eval`."""
-    return cfg.eval.output_dir or os.path.join(cfg.training.run_dir, "eval")
+__all__ = ["output_dir", "report", "evaluate_checkpoint", "evaluate_model_dir"]
 
 
-def report(doc: Dict[str, Any], path: str, log: Callable[[str], None] = print) -> None:
-    """Save the results document at `path` and print its table."""
-    save_results(doc, path)
-    title = doc["model"] + (f" (step {doc['step']})" if doc.get("step") is not None else "")
-    log(f"eval: {title}, T={doc['sampling']['temperature']}, "
-        f"max_new_tokens={doc['sampling']['max_new_tokens']}")
-    for line in format_table(doc).splitlines():
-        log(line)
-    log(f"eval: results in {path}")
+def evaluate_checkpoint(cfg, checkpoint: Optional[str] = None) -> Dict[str, float]:
+    """Validation pass@1 / maj@k (data.val_path) and benchmark scores (eval.benchmarks) of a
+    checkpoint (default: the run's newest; none there: model.load). Prints what it loads and
+    the results; returns the figures (the same on every rank)."""
+    from megatron_mgrpo.checkpoint import latest_step, step_dir
+    from megatron_mgrpo.config import ConfigError
+    from megatron_mgrpo.evaluation.periodic import BenchmarkEval, Validator
+    from megatron_mgrpo.session import Session
+
+    if not cfg.data.val_path and not cfg.eval.benchmarks:
+        raise ConfigError("nothing to evaluate: set data.val_path (validation prompts) or "
+                          "eval.benchmarks (e.g. --benchmarks math500,aime24)")
+    if checkpoint is not None and not os.path.isdir(checkpoint):
+        raise ConfigError(f"--checkpoint: no checkpoint directory at {checkpoint!r}")
+    if checkpoint is None:
+        last = latest_step(cfg.training.run_dir)
+        checkpoint = step_dir(cfg.training.run_dir, last) if last is not None else None
+    with Session(cfg, "eval") as session:
+        validator = Validator(session, interval=1)
+        benchmarks = BenchmarkEval(session, interval=1)
+        step = None
+        if checkpoint is not None:
+            session.say(f"eval: loading {checkpoint}")
+            step = int(session.load(checkpoint)["step"])
+        source = checkpoint or cfg.model.load or "random init"
+        session.push(step or 0, momentum_too=False)
+        result = {}
+        if validator.enabled:
+            result = validator.run()
+            session.say(f"{source}: val_accuracy (pass@1, k={cfg.training.eval_samples}) "
+                        f"{result['val_accuracy']:.4f}  val_maj (maj@k) "
+                        f"{result['val_maj']:.4f}")
+        if benchmarks.enabled:
+            result.update(benchmarks.run(step or 0))
+    return result
 
 
 def evaluate_model_dir(cfg, model_dir: str, log: Callable[[str], None] = print
@@ -39,6 +62,7 @@ def evaluate_model_dir(cfg, model_dir: str, log: Callable[[str], None] = print
     must already serve it). Saves `<output_dir>/<model dir name>.json` and returns it."""
     from megatron_mgrpo.data.tokenizer import load_tokenizer
     from megatron_mgrpo.models.architecture import read_hf_config
+    from megatron_mgrpo.rollout.factory import make_engine
 
     if not cfg.eval.benchmarks:
         from megatron_mgrpo.config import ConfigError
@@ -48,7 +72,7 @@ def evaluate_model_dir(cfg, model_dir: str, log: Callable[[str], None] = print
     hf = read_hf_config(model_dir)
     tokenizer = load_tokenizer(cfg.data.tokenizer or model_dir)
     benches = load_configured(cfg.eval, log)
-    engine = _engine(cfg, model_dir, hf, log)
+    engine = make_engine(cfg, model_dir, hf, sets=("policy",), weights_from_dir=True, log=log)
     try:
         doc = run_benchmarks(engine, tokenizer, benches, cfg.eval,
                              int(hf.get("max_position_embeddings", 2048)), label=model_dir,
@@ -58,16 +82,3 @@ def evaluate_model_dir(cfg, model_dir: str, log: Callable[[str], None] = print
     name = os.path.basename(os.path.normpath(model_dir)) or "model"
     report(doc, os.path.join(output_dir(cfg), f"{name}.json"), log)
     return doc
-
-
-def _engine(cfg, model_dir: str, hf: dict, log):
-    if cfg.rollout.backend == "sglang":
-        from megatron_mgrpo.rollout.sglang_engine import make_sglang_engine
-
-        if not cfg.sglang.launch:
-            log(f"eval: attached SGLang servers are assumed to serve {model_dir}")
-        return make_sglang_engine(cfg.sglang, model_dir, cfg.rollout.weight_bucket_mb * 2 ** 20,
-                                  cfg.training.run_dir, hf, log=log)
-    from megatron_mgrpo.rollout.embedded import EmbeddedEngine
-
-    return EmbeddedEngine.from_pretrained(model_dir, sets=("policy",))

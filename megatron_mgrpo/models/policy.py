@@ -70,26 +70,23 @@ def _split_micro(batch: Batch, micro_batch_size: int) -> List[Batch]:
 
 class MegatronPolicy:
     """This rank's GPTModel stage (a list of model chunks with a virtual pipeline), each chunk
-    wrapped in megatron DDP, with their optimizer."""
+    wrapped in megatron DDP, with their optimizer.
+
+    `trainable=False` builds the same chunks frozen, for forwards only (the reference model,
+    evaluation): no DDP grad buffers, no optimizer, no gradients, and no random init (the
+    weights are loaded right after)."""
 
     def __init__(self, cfg: Config, ctx: ParallelContext, total_steps: Optional[int] = None,
-                 temperature: float = 1.0):
-        from megatron.core.distributed import (DistributedDataParallel,
-                                               DistributedDataParallelConfig,
-                                               finalize_model_grads)
-
+                 temperature: float = 1.0, trainable: bool = True):
         self.ctx = ctx
         self.model_cfg: ModelConfig = complete(cfg.model)
         self.parallel: ParallelConfig = cfg.parallel
         self.temperature = temperature
-        self.config = transformer_config(self.model_cfg, cfg.parallel)
-        ddp_config = DistributedDataParallelConfig(
-            grad_reduce_in_fp32=True,
-            overlap_grad_reduce=False,
-            use_distributed_optimizer=cfg.parallel.use_distributed_optimizer,
-        )
+        self.trainable = trainable
+        self.config = transformer_config(self.model_cfg, cfg.parallel,
+                                         **({} if trainable else {"perform_initialization": False}))
         # One model chunk per virtual pipeline stage (just one without a virtual pipeline),
-        # each in its own DDP, as megatron training builds them.
+        # each in its own DDP when trained, as megatron training builds them.
         self.ddp_chunks = []
         for vp_stage in (range(ctx.vp_size) if ctx.vp_size > 1 else [None]):
             module = build_policy(self.model_cfg, cfg.parallel, pg_collection=ctx.pg_collection,
@@ -102,16 +99,46 @@ class MegatronPolicy:
                 from megatron.core.transformer.module import Float16Module
 
                 module = Float16Module(self.config, module)
-            self.ddp_chunks.append(DistributedDataParallel(
-                config=self.config, ddp_config=ddp_config, module=module,
-                pg_collection=ctx.pg_collection))
-        self.config.finalize_model_grads_func = finalize_model_grads
-        self.config.no_sync_func = ([c.no_sync for c in self.ddp_chunks]
-                                    if len(self.ddp_chunks) > 1 else self.ddp_chunks[0].no_sync)
-        self.optimizer = _build_optimizer(cfg.optimizer, cfg.parallel, self.model_cfg,
-                                          self.ddp_chunks, ctx)
-        self.scheduler = _build_scheduler(self.optimizer, cfg.optimizer,
-                                          total_steps or cfg.training.steps)
+            if not trainable:
+                module.requires_grad_(False)
+            self.ddp_chunks.append(self._wrap(module) if trainable else module)
+        self.optimizer = self.scheduler = None
+        if trainable:
+            from megatron.core.distributed import finalize_model_grads
+
+            self.config.finalize_model_grads_func = finalize_model_grads
+            self.config.no_sync_func = ([c.no_sync for c in self.ddp_chunks]
+                                        if len(self.ddp_chunks) > 1
+                                        else self.ddp_chunks[0].no_sync)
+            self.optimizer = _build_optimizer(cfg.optimizer, cfg.parallel, self.model_cfg,
+                                              self.ddp_chunks, ctx)
+            self.scheduler = _build_scheduler(self.optimizer, cfg.optimizer,
+                                              total_steps or cfg.training.steps)
+
+    def _wrap(self, module):
+        from megatron.core.distributed import (DistributedDataParallel,
+                                               DistributedDataParallelConfig)
+
+        ddp_config = DistributedDataParallelConfig(
+            grad_reduce_in_fp32=True, overlap_grad_reduce=False,
+            use_distributed_optimizer=self.parallel.use_distributed_optimizer)
+        return DistributedDataParallel(config=self.config, ddp_config=ddp_config, module=module,
+                                       pg_collection=self.ctx.pg_collection)
+
+    def weights_changed(self) -> None:
+        """After writing into the model params: the optimizer's fp32 main params follow."""
+        if self.optimizer is not None:
+            self.optimizer.reload_model_params()
+
+    @torch.no_grad()
+    def copy_weights_from(self, other: "MegatronPolicy") -> None:
+        """This model's params := `other`'s (the same layout: a frozen copy of a policy)."""
+        mine, theirs = self.parameters(), other.parameters()
+        if [p.shape for p in mine] != [p.shape for p in theirs]:
+            raise ValueError("copy_weights_from: the two models are laid out differently")
+        for dst, src in zip(mine, theirs):
+            dst.copy_(src)
+        self.weights_changed()
 
     # ---- weights ---------------------------------------------------------------------------
 
@@ -119,7 +146,7 @@ class MegatronPolicy:
         """Load full (unsplit, HF-vocab-sized) megatron-named tensors into this rank's shards
         and refresh the optimizer's fp32 main params from them."""
         load_full_state_dict(self.chunks, full, self.ctx.tp_rank, self.ctx.tp_size)
-        self.optimizer.reload_model_params()
+        self.weights_changed()
 
     def full_state_dict(self, grads: bool = False) -> Dict[str, torch.Tensor]:
         """The full state dict (or the full main grads) on every rank. Small models only."""
@@ -255,6 +282,8 @@ class MegatronPolicy:
         """Forward + backward into the (DP-reduced, token-normalised) grad buffers.
 
         Returns (global token-mean loss, global token count, metric means)."""
+        if not self.trainable:
+            raise RuntimeError("this model was built frozen (trainable=False)")
         self._set_train(True)
         for c in self.ddp_chunks:
             c.zero_grad_buffer()

@@ -151,6 +151,24 @@ class ShardedMomentum:
         dist.all_reduce(flat, group=e.dp_group)
         return flat.view(param.shape)
 
+    @contextlib.contextmanager
+    def swapped_in(self, params: List[torch.nn.Parameter]) -> Iterator[None]:
+        """Inside: the model params hold the momentum model's weights (cast to their dtype);
+        after: the policy's again, bit for bit. For a forward of the momentum model through
+        the policy's own modules (the KL to the momentum model): a transient copy of this
+        rank's weights instead of a persistent one. Collective over DP when sharded: every
+        rank passes the same params in the same order."""
+        saved = [p.detach().clone() for p in params]
+        try:
+            with torch.no_grad():
+                for p in params:
+                    p.copy_(self.full_tensor(p, p.dtype))
+            yield
+        finally:
+            with torch.no_grad():
+                for p, s in zip(params, saved):
+                    p.copy_(s)
+
     def max_gap(self) -> float:
         """max |EMA - policy| over the whole model (the policy's fp32 main params). Collective
         over all ranks."""

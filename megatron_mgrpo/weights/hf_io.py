@@ -104,4 +104,4 @@ def load_hf_into_policy(policy, directory: str) -> None:
                           policy.ctx.tp_rank, policy.ctx.tp_size)
     finally:
         hf.close()
-    policy.optimizer.reload_model_params()
+    policy.weights_changed()

@@ -1,0 +1,194 @@
+"""One RL step, the only place where the algorithm meets Megatron. In the method's order:
+
+  1. sample M completions per prompt from the policy and N from the momentum model;
+  2. vote over all M + N answers -> pseudo-labels -> binary rewards (true labels in rlvr);
+  3. the policy's log-probs and token entropies of every completion (one forward);
+  4. behaviour log-probs for the momentum model's rows (the engine's: it sampled them);
+  5. the reference model's log-probs (with a KL term);
+  6. IQR entropy filter -> GRPO group advantages -> loss mask;
+  7. PPO epochs x minibatches of clipped-surrogate steps, the EMA fused into the last one;
+  8. push the new policy (and, every K steps, the momentum model) into the rollout engine.
+
+Training samples from the session's engine (`EngineSource`); `mgrpo smoke` runs the same step
+over a fixed synthetic batch (`smoke.SyntheticSource`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from typing import Dict, List, Optional, Protocol, Sequence
+
+import torch
+
+from megatron_mgrpo.update import (Scored, make_loss_fn, plan_update, score_groups,
+                                   trained_columns)
+
+
+@dataclasses.dataclass
+class RolloutBatch:
+    """A step's completions as one padded batch; rows are prompt-major (P groups of G)."""
+
+    input_ids: torch.Tensor
+    """[P * G, S] prompt + completion, right-padded."""
+    completion_mask: torch.Tensor
+    """[P * G, S] 1 on completion tokens."""
+    behaviour_logprobs: torch.Tensor
+    """[P * G, S] the sampling engine's log-probs of the completion tokens (0 elsewhere)."""
+    answers: List[List[Optional[str]]]
+    """[P][G] extracted answers (None: unparseable)."""
+    completion_lengths: torch.Tensor
+    """[P * G] generated tokens per completion."""
+
+
+def build_batch(prompt_ids: Sequence[Sequence[int]], groups, extract, decode, pad_id: int
+                ) -> RolloutBatch:
+    """Pack prompts and their completions ([P][G] engine Completions) into tensors."""
+    rows, masks, lps, answers, lengths = [], [], [], [], []
+    for prompt, completions in zip(prompt_ids, groups):
+        group_answers = []
+        for c in completions:
+            rows.append(list(prompt) + list(c.token_ids))
+            masks.append([0] * len(prompt) + [1] * len(c.token_ids))
+            lps.append([0.0] * len(prompt) + list(c.logprobs))
+            lengths.append(len(c.token_ids))
+            group_answers.append(extract(decode(list(c.token_ids))))
+        answers.append(group_answers)
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(rows), width)
+    blp = torch.zeros(len(rows), width)
+    for i, (r, m, lp) in enumerate(zip(rows, masks, lps)):
+        ids[i, :len(r)] = torch.tensor(r)
+        mask[i, :len(m)] = torch.tensor(m, dtype=torch.float)
+        blp[i, :len(lp)] = torch.tensor(lp)
+    return RolloutBatch(ids, mask, blp, answers, torch.tensor(lengths, dtype=torch.float))
+
+
+class RolloutSource(Protocol):
+    def sample(self, prompt_ids: List[List[int]], step: int) -> RolloutBatch:
+        """M policy + N momentum completions per prompt, the same batch on every rank."""
+
+
+class EngineSource:
+    """Completions from the session's rollout engine: rank 0 samples, every rank gets them."""
+
+    def __init__(self, session):
+        self.session = session
+
+    def sample(self, prompt_ids: List[List[int]], step: int) -> RolloutBatch:
+        s, mode = self.session, self.session.mode
+        groups = None
+        if s.is_main:
+            seed = s.cfg.training.seed * 1_000_003 + step
+            plan = {"policy": (mode.num_policy, seed),
+                    "momentum": (mode.num_momentum, seed + 500_009)}
+            made = {}
+            # With one group of servers for both sets, the set it holds goes first (no swap).
+            for model in s.engine.generation_order([m for m in plan if plan[m][0]]):
+                n, seed_of_set = plan[model]
+                made[model] = s.engine.generate(prompt_ids, n, sampling(s.cfg, s.tokenizer,
+                                                                         seed_of_set),
+                                                model=model)
+            groups = made["policy"]
+            if "momentum" in made:
+                groups = [a + b for a, b in zip(groups, made["momentum"])]
+        groups = s.broadcast(groups)
+        return build_batch(prompt_ids, groups, s.grader.extract, s.tokenizer.decode,
+                           s.tokenizer.pad_id)
+
+
+def sampling(cfg, tokenizer, seed: int, max_new_tokens: Optional[int] = None):
+    """The rollout section's sampling parameters, stopping at the tokenizer's stop tokens."""
+    from megatron_mgrpo.rollout.base import SamplingParams
+
+    r = cfg.rollout
+    return SamplingParams(temperature=r.temperature, top_p=r.top_p,
+                          max_new_tokens=max_new_tokens or r.max_new_tokens,
+                          stop_token_ids=list(tokenizer.stop_ids), seed=seed)
+
+
+@dataclasses.dataclass
+class StepRecord:
+    """What a step did: its metrics, and what drivers may want to look at further."""
+
+    metrics: Dict[str, float]
+    batch: RolloutBatch
+    scored: Scored
+    logprobs: torch.Tensor
+    """[P * G, S] the policy's log-probs before the update."""
+
+
+def rl_step(session, source: RolloutSource, prompts: Sequence, step: int) -> StepRecord:
+    """One M-GRPO step (module docstring) on `prompts` (objects with `prompt_ids`, `answer`)."""
+    cfg, mode, policy = session.cfg, session.mode, session.policy
+    a = cfg.algorithm
+    batch = source.sample([p.prompt_ids for p in prompts], step)
+    scored = score_groups(batch.answers, mode, session.grader.equivalent, a.min_agreement,
+                          [p.answer for p in prompts])
+    logprobs, entropy = policy.logprobs_global({"input_ids": batch.input_ids})
+    # The momentum model's completions were sampled by it: their behaviour log-probs are the
+    # engine's, not the policy's.
+    old = logprobs.clone()
+    momentum_rows = _momentum_rows(batch, mode)
+    old[momentum_rows.to(old.device)] = batch.behaviour_logprobs[momentum_rows].to(old)
+    ref = session.reference_logprobs(batch.input_ids)
+    trained = trained_columns(mode, len(prompts),
+                              torch.Generator().manual_seed(cfg.training.seed + step))
+    update = plan_update(scored, mode, a, entropy, batch.completion_mask, trained)
+    metrics = {"step": step, **update.metrics,
+               "rollout_logprob_gap": _logprob_gap(batch, logprobs, ~momentum_rows),
+               **_ppo(session, batch.input_ids, update.advantages, update.loss_mask, old, ref,
+                      step)}
+    metrics.update(session.push(step, step % cfg.rollout.momentum_push_interval == 0))
+    metrics["completion_len"] = float(batch.completion_lengths.mean())
+    return StepRecord(metrics, batch, scored, logprobs)
+
+
+def _momentum_rows(batch: RolloutBatch, mode) -> torch.Tensor:
+    """bool [P * G]: rows the momentum model sampled (columns [M, G) of each group)."""
+    rows = torch.arange(batch.input_ids.shape[0])
+    return (rows % mode.group_size) >= mode.num_policy
+
+
+def _logprob_gap(batch: RolloutBatch, policy_logprobs: torch.Tensor,
+                 policy_rows: torch.Tensor) -> float:
+    """Mean |engine - trainer| log-prob over the policy's completion tokens: the mismatch
+    between the weights that sampled and the weights that train (FP8 rollout weights,
+    kernels, a stale push would all show here)."""
+    mask = batch.completion_mask * policy_rows.float()[:, None]
+    gap = (batch.behaviour_logprobs - policy_logprobs.float().cpu()).abs() * mask
+    return float(gap.sum() / mask.sum().clamp(min=1))
+
+
+def _ppo(session, input_ids, advantages, loss_mask, old_logprobs, ref_logprobs, step: int
+         ) -> Dict[str, float]:
+    """PPO epochs x minibatches over this step's rollouts (each rank its DP shard); the
+    momentum model moves once, inside the last optimizer step."""
+    a, policy, momentum = session.cfg.algorithm, session.policy, session.momentum
+    full = {"input_ids": input_ids, "loss_mask": loss_mask, "advantages": advantages,
+            "old_logprobs": old_logprobs}
+    if ref_logprobs is not None:
+        full["ref_logprobs"] = ref_logprobs
+    rows = torch.arange(input_ids.shape[0])
+    g = torch.Generator().manual_seed(session.cfg.training.seed + step)
+    loss_fn = make_loss_fn(a)
+    results = []
+    last = a.ppo_epochs * a.ppo_minibatches
+    for _ in range(a.ppo_epochs):
+        order = torch.randperm(len(rows), generator=g) if a.ppo_minibatches > 1 else rows
+        for part in order.chunk(a.ppo_minibatches):
+            mini = {k: v[part] for k, v in full.items()}
+            ema = (momentum.fused_into_next_step(step)
+                   if momentum is not None and len(results) + 1 == last
+                   else contextlib.nullcontext())
+            with ema:
+                results.append(policy.train_step(policy.dp_shard(mini), loss_fn,
+                                                 with_entropy=a.entropy_coef > 0))
+    final = results[-1]
+    out = {"loss": sum(r.loss for r in results) / len(results),
+           "grad_norm": max(r.grad_norm for r in results), "lr": final.lr,
+           "num_tokens": float(sum(r.num_tokens for r in results))}
+    for k in final.metrics:
+        out[k] = sum(r.metrics[k] for r in results) / len(results)
+    return out
