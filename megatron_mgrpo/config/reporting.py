@@ -145,3 +145,4 @@ class LoggingConfig:
 
     def validate(self) -> None:
         """Check this section; ConfigError naming the field."""
+        positive("logging.log_interval", self.log_interval)  # the loops take step % it
