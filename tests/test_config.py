@@ -359,6 +359,8 @@ def test_override_value_that_is_not_yaml():
      "(missing: low_freq_factor, high_freq_factor, original_max_position_embeddings)"),
     (["--model.rope_scaling.rope_type", "yarn"], None,
      "model.rope_scaling.rope_type: got 'yarn'; accepted: llama3 | default | (no rope_scaling)"),
+    (["--logging.log_interval", "0"], None,
+     "logging.log_interval: got 0; accepted: an integer >= 1"),
 ])
 def test_validation_errors_name_field_and_accepted(overrides, world_size, expected):
     assert error_of(None, overrides, world_size=world_size) == expected

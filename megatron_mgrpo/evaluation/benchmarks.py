@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from megatron_mgrpo.data.prompts import DataError, read_rows
+from megatron_mgrpo.evaluation.catalog import BENCHMARK_NAMES, parse_date_range
 
 __all__ = ["BENCHMARKS", "BenchmarkSpec", "EvalProblem", "Benchmark", "benchmark_files",
            "load_benchmark", "parse_date_range"]
@@ -179,6 +180,9 @@ BENCHMARKS: Dict[str, BenchmarkSpec] = {
     "livecodebench": BenchmarkSpec("code", "livecodebench/code_generation_lite (test*.jsonl; a "
                                    "directory of them)", LCB_TEMPLATE, _livecodebench),
 }
+if tuple(BENCHMARKS) != BENCHMARK_NAMES:  # the names the config accepts are these loaders'
+    raise ImportError(f"evaluation.catalog.BENCHMARK_NAMES {BENCHMARK_NAMES} != the loaders "
+                      f"{tuple(BENCHMARKS)}")
 
 
 def benchmark_files(name: str, data_dir: str, paths: Optional[Dict[str, str]] = None
@@ -206,16 +210,6 @@ def benchmark_files(name: str, data_dir: str, paths: Optional[Dict[str, str]] = 
                     f"{spec.source} on a machine with internet (e.g. `huggingface-cli download "
                     f"--repo-type dataset REPO --local-dir DIR`) and put it there, or point "
                     f"eval.paths.{name} at it")
-
-
-def parse_date_range(text: str) -> Tuple[Optional[datetime.date], Optional[datetime.date]]:
-    """`START:END` (ISO dates, either empty) -> (start, end); ValueError if malformed."""
-    start, sep, end = text.partition(":")
-    if not sep:
-        raise ValueError(f"expected START:END, got {text!r}")
-    dates = tuple(datetime.date.fromisoformat(x.strip()) if x.strip() else None
-                  for x in (start, end))
-    return dates  # type: ignore[return-value]
 
 
 def load_benchmark(name: str, data_dir: str = "data/eval",

@@ -1,0 +1,275 @@
+"""The algorithm, optimizer, data and training sections.
+
+Each section checks its own fields (`validate()`). The mode rules are the algorithm's: the
+algorithm section checks the rollout counts against them with `algorithm.modes.plan_for_mode`,
+a leaf module (torch only, nothing else from this package).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, Optional
+
+from megatron_mgrpo.config.checks import ConfigError, fail, one_of, positive
+from megatron_mgrpo.config.rollout import RolloutConfig
+
+__all__ = ["AlgorithmConfig", "OptimizerConfig", "DataConfig", "TrainingConfig"]
+
+
+@dataclass
+class AlgorithmConfig:
+    """The M-GRPO method and its baselines. `mode` selects which parts run."""
+
+    mode: Literal["mgrpo", "srt", "ttrl", "rlvr"] = "mgrpo"
+    """`mgrpo`: vote over policy + momentum rollouts. `srt`: vote over the policy's own (N=0).
+    `ttrl`: vote over a large sample, train on a subset. `rlvr`: ground-truth labels."""
+
+    grader: Literal["math", "multiple_choice"] = "math"
+    """How answers are extracted and compared (math: `\\boxed{}` + math-verify equivalence)."""
+
+    momentum: float = 0.99
+    """m in Eq. 1: theta_k <- m * theta_k + (1 - m) * theta_q. In [0, 1)."""
+
+    momentum_update_interval: int = 1
+    """Update the EMA every this many training steps (fused into the step's last optimizer
+    update; with several PPO minibatches per step the EMA still moves once)."""
+
+    momentum_warmup_updates: int = 0
+    """Over the first this many EMA updates m rises linearly from `momentum_warmup_start` to
+    `momentum` (0: m is constant)."""
+
+    momentum_warmup_start: float = 0.0
+    """m of the first EMA update while warming up. In [0, 1)."""
+
+    min_agreement: float = 0.0
+    """Prompts whose majority share is below this get no learning signal. In [0, 1]."""
+
+    iqr_filter: bool = True
+    """Drop low-entropy outlier trajectories (Eq. 2)."""
+
+    iqr_k: float = 0.75
+    """k in the IQR fence Q1 - k * IQR (>= 0)."""
+
+    entropy_floor: Optional[float] = None
+    """Optional absolute entropy floor beside the relative fence (catches whole-batch collapse)."""
+
+    filter_before_normalization: bool = True
+    """Compute group advantage statistics over kept trajectories only (else over all)."""
+
+    train_on_momentum_rollouts: bool = False
+    """Whether the momentum model's N completions also get gradient (importance-weighted);
+    by default they only vote."""
+
+    ttrl_num_train: Optional[int] = None
+    """TTRL: how many of the policy's M completions per prompt are trained on."""
+
+    advantage_eps: float = 1e-6
+    """eps in (r - mean) / (std + eps)."""
+
+    clip_low: float = 0.2
+    """PPO ratio clip below 1 (ratio >= 1 - clip_low)."""
+
+    clip_high: float = 0.2
+    """PPO ratio clip above 1 (ratio <= 1 + clip_high)."""
+
+    kl_coef: float = 0.0
+    """Weight of the low-variance (k3) KL to the reference model (0: no reference is built
+    and no KL is computed)."""
+
+    kl_reference: Literal["base", "momentum"] = "base"
+    """What the KL anchors to when kl_coef > 0: `base` (the frozen initial weights, a third
+    copy of the model in the training dtype, one extra forward per step) or `momentum` (the
+    momentum model itself: no extra copy, its log-probs from a forward with the EMA weights
+    swapped in)."""
+
+    entropy_coef: float = 0.0
+    """Weight of the entropy bonus."""
+
+    ppo_epochs: int = 1
+    """Passes over each step's rollouts."""
+
+    ppo_minibatches: int = 1
+    """Optimizer steps per epoch (the rollouts split into this many minibatches)."""
+
+    def validate(self, rollout: RolloutConfig) -> None:
+        """Check this section, and the rollout counts against the mode's rules; ConfigError
+        naming the field."""
+        from megatron_mgrpo.algorithm.modes import MODES, plan_for_mode  # imports torch
+
+        a, r = self, rollout
+        one_of("algorithm.mode", a.mode, MODES)
+        one_of("algorithm.grader", a.grader, ("math", "multiple_choice"))
+        # The friendlier messages first; plan_for_mode below is where the rules live.
+        m, n = r.num_policy_rollouts, r.num_momentum_rollouts
+        if a.mode in ("mgrpo", "srt", "ttrl") and m + n < 2:
+            fail("rollout.num_policy_rollouts + rollout.num_momentum_rollouts", m + n,
+                 f">= 2 (a vote needs at least two completions in mode {a.mode})")
+        if a.mode == "srt" and n != 0:
+            fail("rollout.num_momentum_rollouts", n, "0 in mode srt")
+        if a.mode == "mgrpo" and n < 1:
+            fail("rollout.num_momentum_rollouts", n, ">= 1 in mode mgrpo (use mode srt for N = 0)")
+        if a.mode == "ttrl" and a.ttrl_num_train is not None and not 1 <= a.ttrl_num_train <= m:
+            fail("algorithm.ttrl_num_train", a.ttrl_num_train,
+                 f"an integer in [1, rollout.num_policy_rollouts={m}]")
+        try:
+            plan_for_mode(a.mode, m, n, a.iqr_filter, a.ttrl_num_train,
+                          a.train_on_momentum_rollouts)
+        except ValueError as e:
+            raise ConfigError(f"algorithm.mode {a.mode!r} with rollout.num_policy_rollouts={m}, "
+                              f"rollout.num_momentum_rollouts={n}: {e}") from None
+        if not 0 <= a.momentum < 1:
+            fail("algorithm.momentum", a.momentum, "a number in [0, 1)")
+        positive("algorithm.momentum_update_interval", a.momentum_update_interval)
+        if a.momentum_warmup_updates < 0:
+            fail("algorithm.momentum_warmup_updates", a.momentum_warmup_updates,
+                 "an integer >= 0")
+        if not 0 <= a.momentum_warmup_start < 1:
+            fail("algorithm.momentum_warmup_start", a.momentum_warmup_start,
+                 "a number in [0, 1)")
+        if not 0 <= a.min_agreement <= 1:
+            fail("algorithm.min_agreement", a.min_agreement, "a number in [0, 1]")
+        if a.iqr_k < 0:
+            fail("algorithm.iqr_k", a.iqr_k, "a number >= 0")
+        if a.entropy_floor is not None and a.entropy_floor < 0:
+            fail("algorithm.entropy_floor", a.entropy_floor, "null or a number >= 0")
+        if a.clip_low < 0 or a.clip_low >= 1:
+            fail("algorithm.clip_low", a.clip_low, "a number in [0, 1)")
+        if a.clip_high < 0:
+            fail("algorithm.clip_high", a.clip_high, "a number >= 0")
+        one_of("algorithm.kl_reference", a.kl_reference, ("base", "momentum"))
+        if a.kl_coef > 0 and a.kl_reference == "momentum" and a.mode != "mgrpo":
+            fail("algorithm.kl_reference", a.kl_reference,
+                 f"base in mode {a.mode} (no momentum model is kept there)")
+        for name in ("kl_coef", "entropy_coef", "advantage_eps"):
+            if getattr(a, name) < 0:
+                fail(f"algorithm.{name}", getattr(a, name), "a number >= 0")
+        positive("algorithm.ppo_epochs", a.ppo_epochs)
+        positive("algorithm.ppo_minibatches", a.ppo_minibatches)
+
+
+@dataclass
+class OptimizerConfig:
+    """Adam through megatron-core's optimizer."""
+
+    lr: float = 1e-5
+    """Peak learning rate."""
+
+    min_lr: float = 0.0
+    """Learning rate at the end of the decay."""
+
+    schedule: Literal["constant", "cosine", "linear"] = "constant"
+    """Decay after warm-up."""
+
+    warmup_fraction: float = 0.0
+    """Share of the training steps spent warming up linearly, in [0, 1)."""
+
+    weight_decay: float = 0.0
+    """Decoupled weight decay."""
+
+    adam_beta1: float = 0.9
+    """Adam beta1."""
+
+    adam_beta2: float = 0.999
+    """Adam beta2."""
+
+    adam_eps: float = 1e-8
+    """Adam epsilon."""
+
+    clip_grad: float = 1.0
+    """Global grad-norm clip (0 disables)."""
+
+    def validate(self) -> None:
+        """Check this section; ConfigError naming the field."""
+        o = self
+        one_of("optimizer.schedule", o.schedule, ("constant", "cosine", "linear"))
+        if not o.lr > 0:
+            fail("optimizer.lr", o.lr, "a number > 0")
+        if o.min_lr < 0 or o.min_lr > o.lr:
+            fail("optimizer.min_lr", o.min_lr, f"a number in [0, optimizer.lr={o.lr}]")
+        if not 0 <= o.warmup_fraction < 1:
+            fail("optimizer.warmup_fraction", o.warmup_fraction, "a number in [0, 1)")
+        for name in ("adam_beta1", "adam_beta2"):
+            if not 0 <= getattr(o, name) < 1:
+                fail(f"optimizer.{name}", getattr(o, name), "a number in [0, 1)")
+        if o.clip_grad < 0:
+            fail("optimizer.clip_grad", o.clip_grad, "a number >= 0 (0 disables clipping)")
+
+
+@dataclass
+class DataConfig:
+    """Prompt data."""
+
+    train_path: Optional[str] = None
+    """jsonl or parquet file of training prompts."""
+
+    val_path: Optional[str] = None
+    """jsonl or parquet file of validation prompts (with answers)."""
+
+    prompt_key: str = "prompt"
+    """Column holding the prompt text."""
+
+    answer_key: Optional[str] = "answer"
+    """Column holding the true answer (used for RLVR and for reporting pseudo-label accuracy
+    only, never for the self-supervised reward)."""
+
+    tokenizer: Optional[str] = None
+    """Tokenizer: an HF tokenizer directory or a sentencepiece `.model` file."""
+
+    max_prompt_length: int = 128
+    """Prompts longer than this (in tokens) are skipped and counted."""
+
+    prompts_per_step: int = 8
+    """Prompts per training step."""
+
+    shuffle: bool = True
+    """Shuffle the training prompts every epoch."""
+
+    def validate(self, mode: str) -> None:
+        """Check this section for algorithm.mode `mode`; ConfigError naming the field."""
+        positive("data.max_prompt_length", self.max_prompt_length)
+        positive("data.prompts_per_step", self.prompts_per_step)
+        if mode == "rlvr" and not self.answer_key:
+            fail("data.answer_key", self.answer_key,
+                 "a column name (mode rlvr needs true answers)")
+
+
+@dataclass
+class TrainingConfig:
+    """The run."""
+
+    steps: int = 10
+    """Training steps (one rollout batch each)."""
+
+    seed: int = 1234
+    """Global seed (data order, sampling, dropout)."""
+
+    run_dir: str = "runs/default"
+    """Where metrics, plots and checkpoints go."""
+
+    save_interval: int = 0
+    """Checkpoint every this many steps (0: only at the end)."""
+
+    eval_interval: int = 0
+    """Validation every this many steps (0: never)."""
+
+    eval_samples: int = 4
+    """Completions per validation prompt: val_accuracy is their mean (pass@1), val_maj their
+    majority vote's accuracy (maj@k)."""
+
+    max_eval_prompts: int = 0
+    """Evaluate on at most this many validation prompts (0: all)."""
+
+    resume: bool = False
+    """Continue from the newest checkpoint in run_dir."""
+
+    stop_file: Optional[str] = None
+    """When this file exists at the end of a step, save a checkpoint and stop (the slurm
+    launchers create it on the time-limit signal and requeue the job, which resumes)."""
+
+    def validate(self) -> None:
+        """Check this section; ConfigError naming the field."""
+        positive("training.steps", self.steps)
+        positive("training.eval_samples", self.eval_samples)
+        for name in ("save_interval", "eval_interval"):
+            if getattr(self, name) < 0:
+                fail(f"training.{name}", getattr(self, name), "an integer >= 0")
