@@ -84,7 +84,3 @@ class Config:
         self.logging.validate()
         return self
 
-
-def _validate(cfg: Config, world_size: Optional[int]) -> None:
-    """`cfg.validate(world_size)` (the name weights/convert.py imports)."""
-    cfg.validate(world_size)

@@ -61,7 +61,7 @@ def inspect_hf(hf_dir: str, tp: int = 1, pp: int = 1):
     """(ModelConfig, HFCheckpoint) of an HF directory, after checking that this project can
     convert it at this layout: the architecture, TP against heads, PP against layers, and every
     tensor's presence, shape and dtype against config.json. Raises ConversionError."""
-    from megatron_mgrpo.config.schema import Config, ParallelConfig, _validate
+    from megatron_mgrpo.config.schema import Config, ParallelConfig
     from megatron_mgrpo.models.architecture import model_config_from_hf, read_hf_config
     from megatron_mgrpo.weights.hf_io import HFCheckpoint
     from megatron_mgrpo.weights.hf_map import hf_shapes
@@ -72,8 +72,8 @@ def inspect_hf(hf_dir: str, tp: int = 1, pp: int = 1):
         hf_cfg = read_hf_config(hf_dir)
         _check_supported(hf_cfg)
         m = model_config_from_hf(hf_cfg)
-        _validate(Config(model=m, parallel=ParallelConfig(tensor_parallel=tp,
-                                                          pipeline_parallel=pp)), None)
+        Config(model=m, parallel=ParallelConfig(tensor_parallel=tp,
+                                                pipeline_parallel=pp)).validate()
         hf = HFCheckpoint(hf_dir)
     except ConfigError as e:
         # Say it in the tool's terms: --tp/--pp, not the trainer's config fields.
