@@ -47,20 +47,29 @@ def test_reference_logprobs_are_transformers_logprobs_of_the_base(tmp_path, layo
         assert (policy_lp - want).abs().max() > 1e-2  # the policy did move
 
 
-def smoke_worker(extra):
+def smoke_worker(base, extra):
     from megatron_mgrpo.config import load_config
     from megatron_mgrpo.smoke import run_smoke
 
     cfg = load_config("examples/tiny/smoke.yaml",
-                      ["--training.steps", "3", "--training.run_dir", "/tmp/mgrpo-kl-test",
+                      ["--model.load", base, "--training.steps", "3",
+                       "--training.run_dir", "/tmp/mgrpo-kl-test",
                        "--parallel.micro_batch_size", "8", "--algorithm.kl_coef", "0.05",
                        *extra])
     return run_smoke(cfg, log=lambda *_: None)
 
 
 @pytest.fixture(scope="module")
-def tp1():
-    return {ref: run_workers(smoke_worker, 1, ["--algorithm.kl_reference", ref])[0]
+def base(tmp_path_factory):
+    """A base model to start from (megatron's random init differs between PP=1 and PP=2)."""
+    out = str(tmp_path_factory.mktemp("kl_base"))
+    hf_model(ARCHS["qwen3"], seed=4).save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def tp1(base):
+    return {ref: run_workers(smoke_worker, 1, base, ["--algorithm.kl_reference", ref])[0]
             for ref in ("base", "momentum")}
 
 
@@ -69,12 +78,12 @@ def tp1():
     ("base", ["--parallel.pipeline_parallel", "2"]),
     ("momentum", ["--parallel.use_distributed_optimizer", "true"]),  # DP=2: the EMA sharded
 ], ids=["base-tp2", "base-pp2", "momentum-dp2"])
-def test_kl_metric_at_two_processes_equals_tp1(tp1, ref, layout):
+def test_kl_metric_at_two_processes_equals_tp1(tp1, base, ref, layout):
     want = tp1[ref]
     # Step 1 scores the batch with the weights the reference starts from: KL 0; then it grows.
     assert want[0]["kl"] == pytest.approx(0.0, abs=1e-9)
     assert 0 < want[1]["kl"] < want[2]["kl"]
-    for run in run_workers(smoke_worker, 2, ["--algorithm.kl_reference", ref, *layout]):
+    for run in run_workers(smoke_worker, 2, base, ["--algorithm.kl_reference", ref, *layout]):
         for got, w in zip(run, want):
             assert got["kl"] == pytest.approx(w["kl"], rel=2e-3, abs=1e-9), got["step"]
             assert got["loss"] == pytest.approx(w["loss"], rel=2e-4, abs=2e-5), got["step"]

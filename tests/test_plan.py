@@ -86,6 +86,14 @@ def test_memory_parts_by_hand():
     srt = plan_memory(load_config(None, [*model, "--algorithm.mode", "srt",
                                          "--rollout.num_momentum_rollouts", "0"]), 1)
     assert srt.per_gpu["ema"] == 0.0  # no momentum model outside mgrpo
+    assert gib["reference"] == 0.0  # kl_coef 0: no reference model
+    kl = plan_memory(load_config(None, [*model, "--model.params_dtype", "bf16",
+                                        "--algorithm.kl_coef", "0.01"]), 1)
+    n1 = 2 * layer + h + 2 * v * h  # both layers, the final norm, the embedding, the LM head
+    assert kl.per_gpu["reference"] * GIB == pytest.approx(2 * n1)  # the weights again, bf16
+    anchored = plan_memory(load_config(None, [*model, "--algorithm.kl_coef", "0.01",
+                                              "--algorithm.kl_reference", "momentum"]), 1)
+    assert anchored.per_gpu["reference"] == 0.0  # the momentum model: no copy kept
 
 
 def test_virtual_pipeline_and_context_parallel_by_hand():
@@ -164,8 +172,10 @@ def test_the_launchers_layouts_fit_on_h100_80gb(config, gpus, servers, server_tp
     assert run.returncode == 0, run.stderr
     plan = json.loads(run.stdout)
     assert plan["per_gpu_peak_gib"] < 75 and plan["fits"]
-    assert set(plan["per_gpu_gib"]) == {"params", "grads", "optimizer", "ema", "activations",
-                                        "logits", "overhead"}
+    assert set(plan["per_gpu_gib"]) == {"params", "grads", "optimizer", "ema", "reference",
+                                        "activations", "logits", "overhead"}
+    # kl_coef 0.005 as the paper's script: the frozen base again, in bf16 like the weights.
+    assert plan["per_gpu_gib"]["reference"] == plan["per_gpu_gib"]["params"] > 0
     assert plan["layout"]["gpus"] == gpus
 
 
