@@ -21,7 +21,8 @@ Shapes (`--shape`; default `1b` on a GPU, `tiny` on CPU):
   tiny  hidden 256, 4 layers, SwiGLU 704, 4 query heads and 2 KV heads of 64, vocab 4096,
         seq 256, micro batch 4 (a few steps in well under a minute on 2 CPU cores)
 
-Variants: `bf16` (params_dtype bf16) always; `fp8` (the same plus model.fp8 = `--fp8`, default
+Variants: `bf16` (params_dtype bf16) always, except on a CPU without native bf16, where `fp32`
+is timed instead and the bf16 line says why it was skipped; `fp8` (the same plus model.fp8 = `--fp8`, default
 hybrid, with `--fp8-recipe`, default delayed) where `transformer_config` accepts it: a GPU with
 FP8 (compute capability 8.9+) and Transformer Engine. Elsewhere its line has value null and
 `skipped` holding the ConfigError's message. On a GPU with Transformer Engine both variants use
@@ -134,12 +135,24 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
-def measured_gemm_tflops(on_gpu: bool, repeats: int = 5) -> float:
-    """Best achieved TFLOP/s of a square bf16 matmul (8192 on a GPU, 2048 on CPU)."""
+def cpu_has_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (x86 AVX512-BF16 or AMX, Arm's bf16): without
+    it torch emulates bf16 matmuls, orders of magnitude slower than fp32 (a 2048 GEMM took
+    over 6 minutes on an AVX2-only machine), and a bf16 figure would time the emulation."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = set(f.read().split())
+    except OSError:
+        return False
+    return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
+
+
+def measured_gemm_tflops(on_gpu: bool, repeats: int = 5, dtype=torch.bfloat16) -> float:
+    """Best achieved TFLOP/s of a square matmul in `dtype` (8192 on a GPU, 2048 on CPU)."""
     n = 8192 if on_gpu else 2048
     device = "cuda" if on_gpu else "cpu"
-    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
-    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
     a @ b
     _sync()
     best = float("inf")
@@ -153,8 +166,9 @@ def measured_gemm_tflops(on_gpu: bool, repeats: int = 5) -> float:
 
 
 def make_config(model: ModelConfig, micro_batch: int, fp8: Optional[str] = None,
-                fp8_recipe: str = "delayed") -> Config:
-    model = dataclasses.replace(model, params_dtype="bf16", fp8=fp8, fp8_recipe=fp8_recipe)
+                fp8_recipe: str = "delayed", params_dtype: str = "bf16") -> Config:
+    model = dataclasses.replace(model, params_dtype=params_dtype, fp8=fp8,
+                                fp8_recipe=fp8_recipe)
     cfg = Config(model=model, parallel=ParallelConfig(micro_batch_size=micro_batch),
                  optimizer=OptimizerConfig(lr=1e-5))
     return cfg.validate(world_size=1)
@@ -281,8 +295,16 @@ def main(argv=None) -> None:
          threads=torch.get_num_threads())
     emit("model_flops_per_token", flops_per_token, "FLOP/token",
          formula="6*N_matmul + 12*L*q*S")
-    gemm = measured_gemm_tflops(on_gpu)
-    emit("gemm_tflops_measured", gemm, "TFLOP/s", dtype="bf16")
+    native = on_gpu or cpu_has_bf16()
+    if not native and "bf16" in variants:  # time what this CPU computes natively instead
+        emit("bf16_tokens_per_s", None, "tokens/s",
+             skipped="this CPU has no native bf16 (no avx512_bf16 / amx_bf16 / bf16 flag): "
+                     "timing it would measure torch's emulation; fp32 timed instead")
+        variants = ["fp32" if v == "bf16" else v for v in variants]
+    gemm_dtype = "bf16" if native else "fp32"
+    gemm = measured_gemm_tflops(on_gpu, dtype=getattr(torch, {"bf16": "bfloat16",
+                                                              "fp32": "float32"}[gemm_dtype]))
+    emit("gemm_tflops_measured", gemm, "TFLOP/s", dtype=gemm_dtype)
     if peak:
         emit("peak_bf16_tflops", peak[0], "TFLOP/s", source=peak[2])
         if peak[1]:
@@ -293,7 +315,8 @@ def main(argv=None) -> None:
     try:
         for variant in variants:
             fp8 = args.fp8 if variant == "fp8" else None
-            cfg = make_config(model, micro_batch, fp8, args.fp8_recipe)
+            cfg = make_config(model, micro_batch, fp8, args.fp8_recipe,
+                              params_dtype="fp32" if variant == "fp32" else "bf16")
             why = fp8_unavailable(cfg) if fp8 else None
             if why:
                 emit(f"{variant}_tokens_per_s", None, "tokens/s", skipped=why)
@@ -311,7 +334,7 @@ def main(argv=None) -> None:
             achieved = r["tokens_per_s"] * flops_per_token / 1e12
             emit(f"{variant}_model_tflops", achieved, "TFLOP/s")
             if peak:
-                variant_peak = peak[0] if variant == "bf16" else peak[1]
+                variant_peak = peak[0] if variant in ("bf16", "fp32") else peak[1]
                 if variant_peak:
                     emit(f"{variant}_mfu", achieved / variant_peak, "fraction",
                          peak_tflops=variant_peak)

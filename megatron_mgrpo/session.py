@@ -71,7 +71,7 @@ class Session:
         self.reference_model = None
         if trains and a.kl_coef > 0 and a.kl_reference == "base":
             self.reference_model = MegatronPolicy(cfg, self.ctx, temperature=r.temperature,
-                                                  trainable=False)
+                                                  trainable=False, initialize=False)
             self.reference_model.copy_weights_from(self.policy)
         if purpose != "smoke" and self.is_main:
             from megatron_mgrpo.rollout.factory import make_engine

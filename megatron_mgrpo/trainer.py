@@ -34,9 +34,9 @@ def run_training(session: Session) -> List[Dict[str, float]]:
     validator = Validator(session, t.eval_interval)
     benchmarks = BenchmarkEval(session, cfg.eval.interval)
     saves = SaveSchedule(t.save_interval, t.steps)
-    start = 0
-    if t.resume and latest_step(t.run_dir) is not None:
-        state = session.load(step_dir(t.run_dir, latest_step(t.run_dir)))
+    start, last = 0, latest_step(t.run_dir) if t.resume else None
+    if last is not None:
+        state = session.load(step_dir(t.run_dir, last))
         sampler.load_state_dict(state["data"])
         start = int(state["step"])
     log = MetricsLogger(t.run_dir, t.steps, start_step=start, enabled=session.is_main,

@@ -71,29 +71,35 @@ def test_tiny_run_prints_clean_json_figures():
     lines = [json.loads(line) for line in run.stdout.splitlines()]
     fig = {d["name"].removeprefix("train_throughput."): d for d in lines}
     assert all({"name", "value", "unit"} <= set(d) for d in lines)
+    # A CPU without native bf16 times fp32 instead (bf16 would time torch's emulation).
+    mod = _module()
+    dtype = "bf16" if torch.cuda.is_available() or mod.cpu_has_bf16() else "fp32"
+    assert fig["gemm_tflops_measured"]["dtype"] == dtype
+    if dtype == "fp32":
+        assert fig["bf16_tokens_per_s"]["value"] is None
+        assert "no native bf16" in fig["bf16_tokens_per_s"]["skipped"]
     units = {"parameters": "parameters", "model_flops_per_token": "FLOP/token",
-             "gemm_tflops_measured": "TFLOP/s", "bf16_tokens_per_s": "tokens/s",
-             "bf16_model_tflops": "TFLOP/s", "fp8_tokens_per_s": "tokens/s"}
+             "gemm_tflops_measured": "TFLOP/s", f"{dtype}_tokens_per_s": "tokens/s",
+             f"{dtype}_model_tflops": "TFLOP/s", "fp8_tokens_per_s": "tokens/s"}
     for name, unit in units.items():
         assert fig[name]["unit"] == unit, name
     assert lines[0]["name"] == "train_throughput.parameters"
     assert lines[0]["shape"] == "tiny" and lines[0]["seq_len"] == 64
 
-    mod = _module()
     flops = mod.model_flops_per_token(mod.SHAPES["tiny"]["model"], 64)
     assert fig["model_flops_per_token"]["value"] == flops
-    tps = fig["bf16_tokens_per_s"]["value"]
+    tps = fig[f"{dtype}_tokens_per_s"]["value"]
     assert tps > 0
-    assert fig["bf16_tokens_per_s"]["tokens_per_step"] == 4 * 64
-    assert fig["bf16_model_tflops"]["value"] == pytest.approx(tps * flops / 1e12, rel=1e-3,
-                                                              abs=1e-4)
+    assert fig[f"{dtype}_tokens_per_s"]["tokens_per_step"] == 4 * 64
+    assert fig[f"{dtype}_model_tflops"]["value"] == pytest.approx(tps * flops / 1e12,
+                                                                  rel=1e-3, abs=1e-4)
     if torch.cuda.is_available():
         assert 0 < fig["bf16_mfu"]["value"] < 1
         return
     gemm = fig["gemm_tflops_measured"]["value"]
     assert gemm > 0
-    assert fig["bf16_mfu_vs_measured_gemm"]["value"] == pytest.approx(
-        fig["bf16_model_tflops"]["value"] / gemm, rel=1e-2, abs=1e-4)
+    assert fig[f"{dtype}_mfu_vs_measured_gemm"]["value"] == pytest.approx(
+        fig[f"{dtype}_model_tflops"]["value"] / gemm, rel=1e-2, abs=1e-4)
     fp8 = fig["fp8_tokens_per_s"]
     assert fp8["value"] is None
     assert fp8["skipped"].startswith("model.fp8: got 'hybrid'; accepted here: null")

@@ -168,13 +168,17 @@ def test_two_process_layouts_run_the_same_loop(tiny_base, uninterrupted, tmp_pat
 
 def test_a_virtual_pipeline_runs_the_same_loop(tmp_path):
     """PP=2 with two model chunks per stage (a 4-layer base: layers 0, 2 | 1, 3) against the
-    one-process run: the same first step, and the same loss after the first update."""
+    one-process run: the same first step, and the same loss after the first update. With a
+    KL term: the reference model is laid out in chunks too, so at step 1 (the policy still
+    the base) its log-probs equal the policy's and the KL is 0."""
     base = str(tmp_path / "base")
     prepare_base(base, "--num-layers", "4", "--sft-steps", "20")
-    (ref, _), = run_workers(train_worker, 1, overrides(base, str(tmp_path / "ref"), 2))
-    vpp = ["--parallel.pipeline_parallel", "2", "--parallel.virtual_pipeline", "2"]
+    kl = ["--algorithm.kl_coef", "0.05"]
+    (ref, _), = run_workers(train_worker, 1, overrides(base, str(tmp_path / "ref"), 2, *kl))
+    vpp = ["--parallel.pipeline_parallel", "2", "--parallel.virtual_pipeline", "2", *kl]
     for history, _ in run_workers(train_worker, 2, overrides(base, str(tmp_path / "vpp"), 2,
                                                              *vpp)):
+        assert history[1]["kl"] == pytest.approx(0.0, abs=1e-9)
         for k in ("reward_mean", "vote_agreement", "pseudo_label_acc", "iqr_dropped_frac"):
             assert history[1][k] == ref[1][k], k
         assert history[1]["loss"] == pytest.approx(ref[1]["loss"], abs=1e-5)

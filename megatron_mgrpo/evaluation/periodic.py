@@ -13,7 +13,20 @@ import torch
 from megatron_mgrpo.eval_metrics import sample_accuracy
 
 
-class Validator:
+class _Periodic:
+    """Runs every `interval` steps and at the last step, when there is something to run."""
+
+    interval: int
+
+    @property
+    def enabled(self) -> bool:
+        raise NotImplementedError
+
+    def due(self, step: int, last_step: int) -> bool:
+        return self.enabled and (step % self.interval == 0 or step == last_step)
+
+
+class Validator(_Periodic):
     """Validation pass@1 (mean over training.eval_samples) and maj@k on data.val_path."""
 
     def __init__(self, session, interval: int):
@@ -32,9 +45,6 @@ class Validator:
     @property
     def enabled(self) -> bool:
         return bool(self.rows) and self.interval > 0
-
-    def due(self, step: int, last_step: int) -> bool:
-        return self.enabled and (step % self.interval == 0 or step == last_step)
 
     @torch.no_grad()
     def run(self) -> Dict[str, float]:
@@ -56,7 +66,7 @@ class Validator:
         return s.broadcast(result)
 
 
-class BenchmarkEval:
+class BenchmarkEval(_Periodic):
     """eval.benchmarks, loaded once when constructed (when they are to run): every rank loads
     them (only rank 0 samples), so a missing or bad file stops all ranks with the same error,
     before step 1."""
@@ -72,9 +82,6 @@ class BenchmarkEval:
     @property
     def enabled(self) -> bool:
         return bool(self.benchmarks) and self.interval > 0
-
-    def due(self, step: int, last_step: int) -> bool:
-        return self.enabled and (step % self.interval == 0 or step == last_step)
 
     @torch.no_grad()
     def run(self, step: int) -> Dict[str, float]:

@@ -73,18 +73,18 @@ class MegatronPolicy:
     wrapped in megatron DDP, with their optimizer.
 
     `trainable=False` builds the same chunks frozen, for forwards only (the reference model,
-    evaluation): no DDP grad buffers, no optimizer, no gradients, and no random init (the
-    weights are loaded right after)."""
+    evaluation): no DDP grad buffers, no optimizer, no gradients. `initialize=False` skips the
+    random init, for weights that are copied in right after."""
 
     def __init__(self, cfg: Config, ctx: ParallelContext, total_steps: Optional[int] = None,
-                 temperature: float = 1.0, trainable: bool = True):
+                 temperature: float = 1.0, trainable: bool = True, initialize: bool = True):
         self.ctx = ctx
         self.model_cfg: ModelConfig = complete(cfg.model)
         self.parallel: ParallelConfig = cfg.parallel
         self.temperature = temperature
         self.trainable = trainable
         self.config = transformer_config(self.model_cfg, cfg.parallel,
-                                         **({} if trainable else {"perform_initialization": False}))
+                                         perform_initialization=initialize)
         # One model chunk per virtual pipeline stage (just one without a virtual pipeline),
         # each in its own DDP when trained, as megatron training builds them.
         self.ddp_chunks = []
