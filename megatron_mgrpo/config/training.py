@@ -260,7 +260,17 @@ class TrainingConfig:
     """Evaluate on at most this many validation prompts (0: all)."""
 
     resume: bool = False
-    """Continue from the newest checkpoint in run_dir."""
+    """Continue from the newest checkpoint in run_dir (one that loads: a damaged newest one is
+    skipped, with a line saying why)."""
+
+    overwrite: bool = False
+    """Start afresh in a run_dir that already holds a run, deleting its metrics and
+    checkpoints (without it, or `resume`, such a start is refused)."""
+
+    on_nonfinite: Literal["stop", "skip"] = "stop"
+    """A step whose loss or grad norm is not finite: `stop` the run (saving nothing from that
+    step: the newest checkpoint stays the last good one) or `skip` its update (the weights,
+    optimizer state and EMA stay as before it) and go on."""
 
     stop_file: Optional[str] = None
     """When this file exists at the end of a step, save a checkpoint and stop (the slurm
@@ -270,6 +280,9 @@ class TrainingConfig:
         """Check this section; ConfigError naming the field."""
         positive("training.steps", self.steps)
         positive("training.eval_samples", self.eval_samples)
+        one_of("training.on_nonfinite", self.on_nonfinite, ("stop", "skip"))
+        if self.resume and self.overwrite:
+            fail("training.overwrite", self.overwrite, "false with training.resume (choose one)")
         for name in ("save_interval", "eval_interval"):
             if getattr(self, name) < 0:
                 fail(f"training.{name}", getattr(self, name), "an integer >= 0")
