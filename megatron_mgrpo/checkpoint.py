@@ -6,22 +6,32 @@ The policy and the momentum model are saved as sharded tensors keyed like the mo
 checkpoint loads at another TP/PP/DP layout; the optimizer's state is sharded per parameter
 for the same reason. A checkpoint directory is written under a temporary name and renamed when
 complete, so a run killed mid-save never leaves a directory that looks finished, and `latest`
-only ever names a complete one.
+only ever names a complete one. Each directory carries a manifest of its files' sizes, so a
+truncated or damaged one is recognised before loading; resume then falls back to the newest
+checkpoint that loads (`resume_candidates`, `verify_checkpoint`).
+
+A save that fails (a full disk, a read-only file system) removes what it half-wrote, so the
+next save and a resume are not blocked by it, and raises `CheckpointError` saying why.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import errno
+import glob
+import json
 import os
 import shutil
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 import torch
 import torch.distributed as dist
 
+from megatron_mgrpo.errors import CheckpointError
 from megatron_mgrpo.megatron_compat import apply_megatron_compat, unshare_adam_steps
 
 _LATEST = "latest"
+_MANIFEST = "manifest.json"
 # Optimizer state in the canonical per-parameter layout, so it loads at another TP/PP/DP.
 _OPTIM_META = {"distrib_optim_sharding_type": "fully_reshardable"}
 
@@ -31,13 +41,97 @@ def step_dir(run_dir: str, step: int) -> str:
 
 
 def latest_step(run_dir: str) -> Optional[int]:
-    """The newest complete checkpoint's step, or None."""
+    """The step `latest` names, if it names a complete checkpoint directory; else None."""
     path = os.path.join(run_dir, "checkpoints", _LATEST)
-    if not os.path.exists(path):
+    try:
+        with open(path) as f:
+            step = int(f.read().strip())
+    except (OSError, ValueError):
         return None
-    with open(path) as f:
-        step = int(f.read().strip())
     return step if os.path.isdir(step_dir(run_dir, step)) else None
+
+
+def saved_steps(run_dir: str) -> List[int]:
+    """Steps of the complete checkpoint directories in run_dir, newest first."""
+    steps = []
+    for path in glob.glob(os.path.join(run_dir, "checkpoints", "step_*")):
+        name = os.path.basename(path)[len("step_"):]
+        if name.isdigit() and os.path.isdir(path):
+            steps.append(int(name))
+    return sorted(steps, reverse=True)
+
+
+def resume_candidates(run_dir: str) -> List[int]:
+    """The checkpoints to try on resume, best first: the one `latest` names, then every other
+    complete one, newest first (a damaged `latest` file is then no obstacle)."""
+    first = latest_step(run_dir)
+    rest = [s for s in saved_steps(run_dir) if s != first]
+    return ([first] if first is not None else []) + rest
+
+
+def verify_checkpoint(path: str) -> Optional[str]:
+    """Why the checkpoint at `path` cannot be loaded (a missing or truncated file, unreadable
+    metadata), or None when it looks whole. Reads sizes and the small metadata files only."""
+    manifest = os.path.join(path, _MANIFEST)
+    if os.path.exists(manifest):
+        try:
+            with open(manifest) as f:
+                sizes = json.load(f)["files"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            return f"its {_MANIFEST} is unreadable ({type(e).__name__})"
+        for name, size in sizes.items():
+            file = os.path.join(path, name)
+            if not os.path.isfile(file):
+                return f"{name} is missing"
+            if os.path.getsize(file) != size:
+                return f"{name} has {os.path.getsize(file)} bytes, {size} were written"
+    try:
+        read_trainer_state(path)
+    except Exception as e:  # noqa: BLE001 (any failure to read it means: not loadable)
+        return f"its metadata is unreadable ({type(e).__name__}: {_first_line(e)})"
+    return None
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0][:200] if text else type(e).__name__
+
+
+def _write_manifest(path: str) -> None:
+    sizes = {}
+    for root, _, files in os.walk(path):
+        for name in files:
+            full = os.path.join(root, name)
+            sizes[os.path.relpath(full, path)] = os.path.getsize(full)
+    with open(os.path.join(path, _MANIFEST), "w") as f:
+        json.dump({"files": sizes}, f, indent=1, sort_keys=True)
+
+
+def _save_failure(e: BaseException, directory: str) -> str:
+    """Why a save failed, in words: the OS error in the chain (disk full, read-only, ...), or
+    a nearly full disk behind an error that does not say (torch's zip writer reports a full
+    disk as 'unexpected pos')."""
+    seen = e
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno is not None:
+            what = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded",
+                    errno.EROFS: "read-only file system", errno.EACCES: "permission denied"}
+            return what.get(seen.errno, os.strerror(seen.errno))
+        seen = seen.__cause__ or seen.__context__
+    try:
+        free = shutil.disk_usage(directory).free
+    except OSError:
+        free = None
+    if free is not None and free < 64 * 2 ** 20:
+        return f"no space left on device ({free / 2 ** 20:.1f} MiB free)"
+    return f"{type(e).__name__}: {_first_line(e)}"
+
+
+def remove_partial_saves(run_dir: str) -> None:
+    """Delete half-written checkpoint directories (a run killed mid-save, a failed save): they
+    hold disk space the next save needs and are never loaded."""
+    for path in glob.glob(os.path.join(run_dir, "checkpoints", "*.tmp")):
+        shutil.rmtree(path, ignore_errors=True) if os.path.isdir(path) else os.remove(path)
 
 
 def _sharded_params(chunks) -> Dict[str, Any]:
@@ -102,29 +196,57 @@ def save_checkpoint(run_dir: str, step: int, policy, momentum=None,
     `reference`: a frozen model saved beside the policy (when nothing else can rebuild it)."""
     from megatron.core import dist_checkpointing
 
+    from megatron_mgrpo.megatron_compat import sync_checkpoint_writes
+
+    sync_checkpoint_writes()
     final = step_dir(run_dir, step)
     tmp = final + ".tmp"
-    if dist.get_rank() == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
-    dist.barrier()
     state = _sharded_state(policy, momentum, is_loading=False,
                            trainer_state=dict(trainer_state or {}, step=step,
                                               world_size=dist.get_world_size(),
                                               momentum=momentum.state() if momentum else {},
                                               has_reference=reference is not None),
                            reference=reference)
-    dist_checkpointing.save(state, tmp)
-    dist.barrier()
-    if dist.get_rank() == 0:
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        with open(os.path.join(run_dir, "checkpoints", _LATEST + ".tmp"), "w") as f:
-            f.write(str(step))
-        os.replace(os.path.join(run_dir, "checkpoints", _LATEST + ".tmp"),
-                   os.path.join(run_dir, "checkpoints", _LATEST))
-    dist.barrier()
+    rank0 = dist.get_rank() == 0
+    failure = None
+    try:
+        if rank0:
+            remove_partial_saves(run_dir)
+            os.makedirs(tmp)
+        dist.barrier()
+        dist_checkpointing.save(state, tmp)
+        dist.barrier()
+        if rank0:
+            _write_manifest(tmp)
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)
+            latest = os.path.join(run_dir, "checkpoints", _LATEST)
+            with open(latest + ".tmp", "w") as f:
+                f.write(str(step))
+            os.replace(latest + ".tmp", latest)
+    except BaseException as e:  # torch's CheckpointException is a BaseException
+        if not isinstance(e, Exception) and type(e).__name__ != "CheckpointException":
+            if rank0:  # interrupted (a second Ctrl-C): leave nothing half-written behind
+                remove_partial_saves(run_dir)
+            raise
+        failure = f"saving step {step} to {final} failed: {_save_failure(e, os.path.dirname(tmp))}"
+    # Every rank learns whether any rank failed, so they stop together.
+    if _any_rank(failure is not None):
+        if rank0:
+            remove_partial_saves(run_dir)
+        newest = latest_step(run_dir)
+        raise CheckpointError(f"{failure or f'saving step {step} failed on another rank'}; "
+                              f"the newest checkpoint is still "
+                              f"{f'step {newest}' if newest is not None else 'none'}")
     return final
+
+
+def _any_rank(flag: bool) -> bool:
+    t = torch.tensor([1.0 if flag else 0.0])
+    if dist.get_backend() == "nccl":
+        t = t.cuda()
+    dist.all_reduce(t)
+    return bool(t.item() > 0)
 
 
 def load_checkpoint(path: str, policy, momentum=None, load_optimizer: bool = True,
@@ -135,7 +257,7 @@ def load_checkpoint(path: str, policy, momentum=None, load_optimizer: bool = Tru
     from megatron.core import dist_checkpointing
 
     if not os.path.isdir(path):
-        raise FileNotFoundError(f"no checkpoint at {path!r}")
+        raise CheckpointError(f"no checkpoint at {path!r}")
     if load_optimizer:
         apply_megatron_compat()
         _init_optimizer_state(policy.optimizer)

@@ -22,6 +22,7 @@ from typing import List, Optional
 from megatron_mgrpo.config import Config, ConfigError, dump_config, field_docs, load_config
 from megatron_mgrpo.data.prompts import DataError
 from megatron_mgrpo.data.tokenizer import TokenizerError
+from megatron_mgrpo.errors import CheckpointError, RolloutError, RunStopped
 
 
 def _world_size() -> Optional[int]:
@@ -185,6 +186,18 @@ def main(argv: Optional[List[str]] = None) -> int:
     except (DataError, TokenizerError) as e:
         print(f"mgrpo: data error: {e}", file=sys.stderr)
         return 2
+    except RunStopped as e:
+        print(f"mgrpo: {e}", file=sys.stderr)
+        return e.exit_code
+    except CheckpointError as e:
+        print(f"mgrpo: checkpoint error: {e}", file=sys.stderr)
+        return 1
+    except RolloutError as e:
+        print(f"mgrpo: rollout error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("mgrpo: interrupted", file=sys.stderr)
+        return 130
     finally:
         if args.command in ("train", "eval", "smoke"):
             from megatron_mgrpo.parallel import destroy_parallel

@@ -8,6 +8,8 @@
 - The same load gives every parameter's Adam state one shared `step` tensor; torch's foreach
   Adam then increments it once per parameter in a single update (step 2 -> 21 for 19
   parameters), corrupting the bias correction. `unshare_adam_steps` gives each its own copy.
+- Every checkpoint save starts a `multiprocessing.Manager` server that outlives the trainer
+  (`sync_checkpoint_writes`).
 """
 
 from __future__ import annotations
@@ -46,3 +48,17 @@ def unshare_adam_steps(optimizer) -> None:
             step = state.get("step")
             if isinstance(step, torch.Tensor):
                 state["step"] = step.clone()
+
+
+def sync_checkpoint_writes() -> None:
+    """megatron's checkpoint writer hands its results through a queue kept by a
+    `multiprocessing.Manager`: a spawned server process (about 280 MB) that lives until
+    interpreter exit and outlives a killed trainer, keeping its resource tracker alive too.
+    Our saves are synchronous (the writer runs in this process), so a plain in-process queue
+    carries the results and no such process is started."""
+    import queue
+
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    if filesystem_async._results_queue is None:
+        filesystem_async._results_queue = queue.Queue()

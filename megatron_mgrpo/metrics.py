@@ -33,8 +33,11 @@ class MetricsLogger:
             return
         os.makedirs(run_dir, exist_ok=True)
         path = os.path.join(run_dir, METRICS_FILE)
-        kept = [m for m in read_metrics(run_dir) if m.get("step", 0) <= start_step]
-        with open(path, "w") as f:  # steps after the checkpoint are about to be redone
+        # A resumed run keeps the rows up to its checkpoint (the steps after it are about to
+        # be redone); a fresh one keeps none (its step 0 is about to be logged again).
+        kept = ([m for m in read_metrics(run_dir) if m.get("step", 0) <= start_step]
+                if start_step > 0 else [])
+        with open(path, "w") as f:
             for m in kept:
                 f.write(json.dumps(m) + "\n")
         self._file = open(path, "a")

@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_mgrpo.config.schema import Config, ConfigError
+from megatron_mgrpo.errors import CheckpointError
 from megatron_mgrpo.models.architecture import complete, hf_config_dict
 from megatron_mgrpo.models.policy import MegatronPolicy
 from megatron_mgrpo.optim.momentum import MomentumSchedule, ShardedMomentum
@@ -44,6 +45,13 @@ class Session:
         self.cfg, self.purpose = cfg, purpose
         self.engine = None
         self._sink: Callable[[str], None] = print
+        try:
+            self._build(cfg, purpose)
+        except BaseException:  # a failure or a signal while building: stop what was started
+            self.close()
+            raise
+
+    def _build(self, cfg: Config, purpose: str) -> None:
         self.ctx = init_parallel(cfg.parallel, seed=cfg.training.seed)
         self.is_main = self.ctx.rank == 0
         torch.manual_seed(cfg.training.seed)
@@ -151,13 +159,31 @@ class Session:
         return self.reference_model if not self.cfg.model.load else None
 
     def save(self, step: int, state: Dict) -> str:
+        """A checkpoint of the run after `step`; CheckpointError, and nothing written, when the
+        weights are not finite (a checkpoint to resume from must never hold NaN)."""
         from megatron_mgrpo.checkpoint import save_checkpoint
         from megatron_mgrpo.config import dump_config
 
+        bad = self._nonfinite_tensors()
+        if bad:
+            raise CheckpointError(f"step {step}: {bad} of the weight tensors (policy, momentum "
+                                  "model) hold inf or NaN: not saved, stopping")
         return save_checkpoint(self.cfg.training.run_dir, step, self.policy, self.momentum,
                                {**state, "config": dump_config(self.cfg),
                                 "hf_config": hf_config_dict(self.policy.model_cfg)},
                                reference=self._saved_reference)
+
+    @torch.no_grad()
+    def _nonfinite_tensors(self) -> int:
+        """How many of the policy's (and the EMA's) tensors hold inf or NaN, over all ranks."""
+        tensors = list(self.policy.parameters())
+        if self.momentum is not None:
+            tensors += [e.ema for e in self.momentum.entries.values() if e.ema is not None]
+        count = torch.tensor([float(sum(not bool(torch.isfinite(t).all()) for t in tensors))],
+                             device=self.ctx.device)
+        if self.ctx.world_size > 1:
+            dist.all_reduce(count)
+        return int(count.item())
 
     def load(self, path: str) -> Dict:
         """A checkpoint into the session's models (the optimizer too when training); returns

@@ -21,6 +21,7 @@ from typing import Dict, List, Optional, Protocol, Sequence
 
 import torch
 
+from megatron_mgrpo.models.policy import NonFiniteUpdate
 from megatron_mgrpo.update import (Scored, make_loss_fn, plan_update, score_groups,
                                    trained_columns)
 
@@ -77,25 +78,47 @@ class EngineSource:
         self.session = session
 
     def sample(self, prompt_ids: List[List[int]], step: int) -> RolloutBatch:
-        s, mode = self.session, self.session.mode
-        groups = None
+        from megatron_mgrpo.rollout.base import RolloutError
+
+        s = self.session
+        groups, failure = None, None
         if s.is_main:
-            seed = s.cfg.training.seed * 1_000_003 + step
-            plan = {"policy": (mode.num_policy, seed),
-                    "momentum": (mode.num_momentum, seed + 500_009)}
-            made = {}
-            # With one group of servers for both sets, the set it holds goes first (no swap).
-            for model in s.engine.generation_order([m for m in plan if plan[m][0]]):
-                n, seed_of_set = plan[model]
-                made[model] = s.engine.generate(prompt_ids, n, sampling(s.cfg, s.tokenizer,
-                                                                         seed_of_set),
-                                                model=model)
-            groups = made["policy"]
-            if "momentum" in made:
-                groups = [a + b for a, b in zip(groups, made["momentum"])]
-        groups = s.broadcast(groups)
+            try:
+                groups = self._generate(prompt_ids, step)
+            except Exception as e:  # noqa: BLE001 (every rank must hear of it, below)
+                failure = e
+        groups = s.broadcast(groups if failure is None else _Failed(str(failure)))
+        if isinstance(groups, _Failed):
+            if failure is not None:
+                raise failure
+            raise RolloutError(groups.message)
         return build_batch(prompt_ids, groups, s.grader.extract, s.tokenizer.decode,
                            s.tokenizer.pad_id)
+
+
+    def _generate(self, prompt_ids: List[List[int]], step: int):
+        s, mode = self.session, self.session.mode
+        seed = s.cfg.training.seed * 1_000_003 + step
+        plan = {"policy": (mode.num_policy, seed),
+                "momentum": (mode.num_momentum, seed + 500_009)}
+        made = {}
+        # With one group of servers for both sets, the set it holds goes first (no swap).
+        for model in s.engine.generation_order([m for m in plan if plan[m][0]]):
+            n, seed_of_set = plan[model]
+            made[model] = s.engine.generate(prompt_ids, n,
+                                            sampling(s.cfg, s.tokenizer, seed_of_set),
+                                            model=model)
+        groups = made["policy"]
+        if "momentum" in made:
+            groups = [a + b for a, b in zip(groups, made["momentum"])]
+        return groups
+
+
+@dataclasses.dataclass
+class _Failed:
+    """Rank 0's generation failed: what the other ranks raise instead of waiting forever."""
+
+    message: str
 
 
 def sampling(cfg, tokenizer, seed: int, max_new_tokens: Optional[int] = None):
@@ -175,16 +198,25 @@ def _ppo(session, input_ids, advantages, loss_mask, old_logprobs, ref_logprobs, 
     loss_fn = make_loss_fn(a)
     results = []
     last = a.ppo_epochs * a.ppo_minibatches
-    for _ in range(a.ppo_epochs):
-        order = torch.randperm(len(rows), generator=g) if a.ppo_minibatches > 1 else rows
-        for part in order.chunk(a.ppo_minibatches):
-            mini = {k: v[part] for k, v in full.items()}
-            ema = (momentum.fused_into_next_step(step)
-                   if momentum is not None and len(results) + 1 == last
-                   else contextlib.nullcontext())
-            with ema:
-                results.append(policy.train_step(policy.dp_shard(mini), loss_fn,
-                                                 with_entropy=a.entropy_coef > 0))
+    try:
+        for _ in range(a.ppo_epochs):
+            order = torch.randperm(len(rows), generator=g) if a.ppo_minibatches > 1 else rows
+            for part in order.chunk(a.ppo_minibatches):
+                mini = {k: v[part] for k, v in full.items()}
+                ema = (momentum.fused_into_next_step(step)
+                       if momentum is not None and len(results) + 1 == last
+                       else contextlib.nullcontext())
+                with ema:
+                    results.append(policy.train_step(policy.dp_shard(mini), loss_fn,
+                                                     with_entropy=a.entropy_coef > 0))
+    except NonFiniteUpdate as e:
+        # Nothing of the refused update was applied; `skip` leaves the rest of the step out
+        # too (the EMA moves only with the step's last update, so it stays where it was).
+        if session.cfg.training.on_nonfinite != "skip":
+            raise
+        return {"loss": e.loss, "grad_norm": e.grad_norm, "nonfinite_skipped": 1.0,
+                "lr": policy.optimizer.param_groups[0]["lr"],
+                "updates_applied": float(len(results))}
     final = results[-1]
     out = {"loss": sum(r.loss for r in results) / len(results),
            "grad_norm": max(r.grad_norm for r in results), "lr": final.lr,

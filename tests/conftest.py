@@ -17,3 +17,13 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def tiny_base(tmp_path_factory):
+    """A small, briefly warmed-up base (seconds, not the demo's minutes)."""
+    out = str(tmp_path_factory.mktemp("tiny_base"))
+    from tests.tiny import prepare_base
+
+    prepare_base(out)
+    return out

@@ -1,61 +1,18 @@
 """The M-GRPO loop end to end on a quickly warmed-up tiny base: metrics, plots, checkpoints, a
 resumed run equal to an uninterrupted one, TP=2 / PP=2 runs of the same loop, and all modes."""
 
-import importlib.util
 import json
 import os
 
 import pytest
 
 from tests.distributed import run_workers
+from tests.tiny import ROOT, overrides
 
 REQUIRED = ("step", "reward_mean", "entropy_mean", "entropy_q1", "entropy_q3",
             "iqr_dropped_frac", "vote_agreement", "pseudo_label_acc", "loss", "grad_norm",
             "step_time_s", "rollout_logprob_gap")
 TIMING = ("step_time_s", "push_time_s")
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def prepare_base(out, *extra):
-    spec = importlib.util.spec_from_file_location("prepare_tiny",
-                                                  os.path.join(ROOT, "tools/prepare_tiny.py"))
-    prepare = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(prepare)
-    prepare.main(["--out", out, "--n-sft", "800", "--n-train", "64", "--n-val", "8",
-                  "--sft-steps", "60", "--k", "2", "--hidden-size", "64",
-                  "--intermediate-size", "128", "--threads", "1", *extra])
-    # The validation prompts again as a benchmark file in MATH-500's schema.
-    os.makedirs(os.path.join(out, "eval"))
-    with open(os.path.join(out, "data", "val.jsonl")) as src, \
-            open(os.path.join(out, "eval", "math500.jsonl"), "w") as dst:
-        for i, line in enumerate(src):
-            row = json.loads(line)
-            dst.write(json.dumps({"problem": row["prompt"], "solution": "", "level": 1,
-                                  "answer": row["answer"], "subject": "Arithmetic",
-                                  "unique_id": f"test/arithmetic/{i}.json"}) + "\n")
-
-
-@pytest.fixture(scope="session")
-def tiny_base(tmp_path_factory):
-    """A small, briefly warmed-up base (seconds, not the demo's minutes)."""
-    out = str(tmp_path_factory.mktemp("tiny_base"))
-    prepare_base(out)
-    return out
-
-
-def overrides(base, run_dir, steps, *extra):
-    return ["--model.load", base,
-            "--data.train_path", f"{base}/data/train.jsonl",
-            "--data.val_path", f"{base}/data/val.jsonl",
-            "--data.prompts_per_step", "4", "--parallel.micro_batch_size", "8",
-            "--rollout.max_new_tokens", "24",
-            "--training.run_dir", run_dir, "--training.steps", str(steps),
-            "--training.eval_interval", "2", "--training.eval_samples", "2",
-            "--training.save_interval", "2",
-            "--eval.benchmarks", "[math500]", "--eval.interval", "2",
-            "--eval.data_dir", f"{base}/eval", "--eval.samples", "2",
-            "--eval.max_new_tokens", "24", "--eval.templates", '{math500: "{problem}"}',
-            "--eval.temperature", "1.0", "--eval.top_p", "1.0", *extra]
 
 
 def train_worker(args):

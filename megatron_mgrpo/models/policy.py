@@ -15,6 +15,7 @@ loss needs (`advantages`, `old_logprobs`, ...). Each DP rank passes its own shar
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from functools import partial
 from typing import Callable, Dict, List, Optional, Tuple
@@ -33,6 +34,14 @@ Batch = Dict[str, torch.Tensor]
 # (logprobs [b, S], entropy [b, S] or None, microbatch) -> (loss sum, token count, metric sums)
 LossFn = Callable[[torch.Tensor, Optional[torch.Tensor], Batch],
                   Tuple[torch.Tensor, torch.Tensor, Dict[str, torch.Tensor]]]
+
+
+class NonFiniteUpdate(FloatingPointError):
+    """An update refused because its loss or gradient norm is not finite (nothing changed)."""
+
+    def __init__(self, loss: float, grad_norm: float):
+        super().__init__(f"loss {loss:.4g}, grad norm {grad_norm:.4g}")
+        self.loss, self.grad_norm = loss, grad_norm
 
 
 @dataclass
@@ -296,12 +305,33 @@ class MegatronPolicy:
         """One optimizer step on this batch (this rank's DP shard of it)."""
         loss, num_tokens, metrics = self.compute_grads(batch, loss_fn, with_entropy)
         lr = self.optimizer.param_groups[0]["lr"]
-        ok, grad_norm, _ = self.optimizer.step()
-        if not ok:
-            raise FloatingPointError("optimizer step skipped (non-finite gradients)")
+        grad_norm = self._step_if_finite(loss)
         self.scheduler.step(increment=1)
-        return StepResult(loss=loss, grad_norm=float(grad_norm or 0.0),
-                          num_tokens=num_tokens, metrics=metrics, lr=lr)
+        return StepResult(loss=loss, grad_norm=grad_norm, num_tokens=num_tokens,
+                          metrics=metrics, lr=lr)
+
+    @torch.no_grad()
+    def _step_if_finite(self, loss: float) -> float:
+        """megatron's optimizer step (grads ready -> norm -> clip -> update), refusing a
+        non-finite loss or grad norm before anything is updated: megatron itself applies NaN
+        gradients in bf16 and fp32 (it checks only under an fp16 loss scale). Returns the grad
+        norm (the same on every rank: it is reduced over the model-parallel groups)."""
+        from megatron.core.optimizer.clip_grads import clip_grad_by_total_norm_fp32
+
+        opt = self.optimizer
+        found_inf = opt.prepare_grads()
+        grad_norm = float(opt.get_grad_norm())
+        if found_inf or not (math.isfinite(loss) and math.isfinite(grad_norm)):
+            raise NonFiniteUpdate(loss, grad_norm)
+        for part in getattr(opt, "chained_optimizers", [opt]):
+            params = part.get_parameters()
+            if part.config.clip_grad > 0 and params:
+                clip_grad_by_total_norm_fp32(
+                    params, part.config.clip_grad, grad_norm,
+                    part.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8)
+        if not opt.step_with_ready_grads():
+            raise FloatingPointError("megatron's optimizer step did not run")
+        return grad_norm
 
     def _reduce_metrics(self, store) -> Tuple[float, int, Dict[str, float]]:
         """Sum the per-microbatch metric sums over microbatches and DP ranks; every PP stage

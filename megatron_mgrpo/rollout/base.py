@@ -14,6 +14,8 @@ from typing import Iterable, List, Literal, Optional, Sequence, Tuple
 
 import torch
 
+from megatron_mgrpo.errors import RolloutError  # noqa: F401 (raised by the engines)
+
 WEIGHT_SETS = ("policy", "momentum")
 """The weight sets every engine holds."""
 

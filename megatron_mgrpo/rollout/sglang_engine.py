@@ -37,10 +37,7 @@ from megatron_mgrpo.rollout.base import (WEIGHT_SETS, Bucket, Completion, Rollou
 from megatron_mgrpo.rollout.embedded import stream_seeds
 from megatron_mgrpo.rollout.servers import Server, ServerError
 from megatron_mgrpo.rollout.transports import PushFailed, Transport, _each
-
-
-class RolloutError(RuntimeError):
-    """Generation could not be completed by the servers left (no partial batch is returned)."""
+from megatron_mgrpo.rollout.base import RolloutError  # noqa: E402,F401 (raised here; re-exported)
 
 
 class SGLangEngine(RolloutEngine):
