@@ -60,20 +60,19 @@ def _help_fields() -> str:
 
 
 def _plan(args, overrides: List[str]) -> int:
-    import dataclasses
     import os
 
     from megatron_mgrpo.plan import format_plan, plan_memory
 
-    cfg = load_config(args.config, overrides, validate=False)
+    shipped = load_config(args.config, overrides, validate=False)
     # The servers a job attaches to are known only once it runs (the slurm launchers pass
     # them): a placeholder lets the rest of the config be checked.
-    if cfg.rollout.backend == "sglang" and not (cfg.sglang.urls or cfg.sglang.launch):
-        cfg = dataclasses.replace(cfg, sglang=dataclasses.replace(
-            cfg.sglang, urls=["http://rollout-server:30000"]))
-    gpus = args.gpus or int(os.environ.get(
-        "WORLD_SIZE", cfg.parallel.tensor_parallel * cfg.parallel.pipeline_parallel))
-    cfg.validate(world_size=gpus)
+    if shipped.rollout.backend == "sglang" and not (shipped.sglang.urls or shipped.sglang.launch):
+        overrides = [*overrides, "--sglang.urls", '["http://rollout-server:30000"]']
+    p = shipped.parallel
+    gpus = args.gpus or p.num_gpus or int(os.environ.get(
+        "WORLD_SIZE", p.tensor_parallel * p.pipeline_parallel * p.context_parallel))
+    cfg = load_config(args.config, overrides, world_size=gpus)
     plan = plan_memory(cfg, gpus, args.gpu_memory_gib, args.rollout_servers, args.server_tp)
     print(plan.to_json() if args.json else format_plan(plan))
     for problem in plan.problems():
@@ -127,12 +126,15 @@ def main(argv: Optional[List[str]] = None) -> int:
                           **with_overrides)
     plan.add_argument("config", help="YAML config file")
     plan.add_argument("--gpus", type=int, default=None,
-                      help="training GPUs (default: WORLD_SIZE, else TP x PP)")
+                      help="training GPUs (default: parallel.num_gpus, else WORLD_SIZE, else "
+                           "TP x PP x CP)")
     plan.add_argument("--gpu-memory-gib", type=float, default=80.0,
                       help="memory of one GPU (default 80: H100-80GB)")
     plan.add_argument("--rollout-servers", type=int, default=None,
-                      help="SGLang servers (default: sglang.urls or sglang.launch, else 1)")
-    plan.add_argument("--server-tp", type=int, default=1, help="GPUs per SGLang server (--tp)")
+                      help="SGLang servers (default: sglang.num_servers, else as many as "
+                           "sglang.urls or sglang.launch, else 1)")
+    plan.add_argument("--server-tp", type=int, default=None,
+                      help="GPUs per SGLang server, its --tp (default: sglang.server_tp)")
     plan.add_argument("--json", action="store_true", help="one JSON object instead of text")
     show = sub.add_parser("config", help="print the resolved config",
                           usage="mgrpo config [CONFIG] [--section.key VALUE ...] | "

@@ -283,3 +283,40 @@ def test_config_errors_come_before_torch_and_megatron_are_imported(argv, tmp_pat
                           env=dict(os.environ, PYTHONPATH=ROOT))
     assert done.stdout.split() == ["2"], (done.stdout, done.stderr)
     assert done.stderr.startswith("mgrpo: config error: ") and done.stderr.count("\n") == 1
+
+
+# ------------------------------------------------------------------ the shipped examples' bases
+
+LLAMA31 = dict(architectures=["LlamaForCausalLM"], model_type="llama", attention_bias=False,
+               hidden_act="silu", max_position_embeddings=131072, mlp_bias=False,
+               rms_norm_eps=1e-05, rope_theta=500000.0, tie_word_embeddings=False,
+               rope_scaling={"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                             "original_max_position_embeddings": 8192, "rope_type": "llama3"},
+               vocab_size=128256, torch_dtype="bfloat16")
+PUBLISHED = {  # config.json of the models the README's and slurm/README's commands load
+    "examples/llama3_70b.yaml": dict(LLAMA31, hidden_size=8192, intermediate_size=28672,
+                                     num_hidden_layers=80, num_attention_heads=64,
+                                     num_key_value_heads=8),  # Llama-3.3-70B(-Instruct)
+    "examples/llama3_8b.yaml": dict(LLAMA31, hidden_size=4096, intermediate_size=14336,
+                                    num_hidden_layers=32, num_attention_heads=32,
+                                    num_key_value_heads=8),  # Llama-3.1-8B
+    "examples/qwen3_4b_base.yaml": dict(
+        architectures=["Qwen3ForCausalLM"], model_type="qwen3", attention_bias=False,
+        head_dim=128, hidden_size=2560, intermediate_size=9728, max_position_embeddings=32768,
+        num_attention_heads=32, num_hidden_layers=36, num_key_value_heads=8,
+        rms_norm_eps=1e-06, rope_scaling=None, rope_theta=1000000, tie_word_embeddings=True,
+        vocab_size=151936, torch_dtype="bfloat16"),  # Qwen3-4B-Base
+}
+
+
+@pytest.mark.parametrize("example", sorted(PUBLISHED))
+def test_the_examples_model_fields_agree_with_the_model_they_are_run_with(example, tmp_path):
+    """The slurm launchers pass --model.load MODEL beside the example's model fields (written
+    for `mgrpo plan` without weights): they must not be refused, and must not change."""
+    (tmp_path / "config.json").write_text(json.dumps(PUBLISHED[example]))
+    urls = ["--sglang.urls", "[http://rollout:30000]"]  # as the launchers pass them
+    written = load_config(os.path.join(ROOT, example), urls)
+    loaded = load_config(os.path.join(ROOT, example), [*urls, "--model.load", str(tmp_path)])
+    assert dataclasses.replace(loaded.model, load=None) == dataclasses.replace(
+        written.model, num_key_value_heads=8, head_dim=written.model.head_dim or 128,
+        attention_bias=False, qk_norm=written.model.architecture == "qwen3")

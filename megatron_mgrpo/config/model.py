@@ -196,6 +196,11 @@ class ParallelConfig:
     backend: Literal["auto", "nccl", "gloo"] = "auto"
     """torch.distributed backend: `auto` is nccl with a GPU and gloo without."""
 
+    num_gpus: int = 0
+    """Training GPUs the job is laid out for (a slurm launcher's TRAIN_NODES x GPUS_PER_NODE):
+    what `mgrpo plan` plans for without --gpus. A run itself takes its world size from
+    torchrun and only checks it against TP x PP. 0: WORLD_SIZE, else TP x PP x CP."""
+
     def validate(self, model: ModelConfig, world_size: Optional[int] = None) -> None:
         """Check the layout against `model` (what `ModelConfig.validate()` returns) and, when
         given, the world size; ConfigError naming the field."""
@@ -228,6 +233,12 @@ class ParallelConfig:
             fail("parallel.virtual_pipeline", p.virtual_pipeline,
                  f"a value with pipeline_parallel x virtual_pipeline dividing "
                  f"model.num_layers={m.num_layers}")
+        if p.num_gpus < 0 or p.num_gpus % (p.tensor_parallel * p.pipeline_parallel
+                                           * p.context_parallel):
+            fail("parallel.num_gpus", p.num_gpus,
+                 "0 (the world size) or a multiple of parallel.tensor_parallel x "
+                 "pipeline_parallel x context_parallel = "
+                 f"{p.tensor_parallel * p.pipeline_parallel * p.context_parallel}")
         if p.sequence_parallel and p.tensor_parallel == 1:
             fail("parallel.sequence_parallel", True, "false when parallel.tensor_parallel is 1")
         if world_size is not None:
@@ -324,8 +335,8 @@ def model_config_from_hf(hf: Dict[str, Any], base: ModelConfig | None = None,
     if isinstance(rope_params, dict):
         if "rope_theta" in rope_params:
             values["rope_theta"] = rope_params["rope_theta"]
-        if rope_params.get("rope_type", "default") != "default":
-            values["rope_scaling"] = dict(rope_params)
+        if rope_params.get("rope_type", "default") != "default":  # rope_theta is a field
+            values["rope_scaling"] = {k: v for k, v in rope_params.items() if k != "rope_theta"}
     if family == "qwen3":
         values["qk_norm"] = True
     return _fill_defaults(ModelConfig(**values))
