@@ -28,8 +28,8 @@ def check_run(cfg, purpose: str, checkpoint: Optional[str] = None) -> None:
     """ConfigError (one line, naming the field) for what `purpose` would fail on later:
     train: a tokenizer (model.load or data.tokenizer), data.train_path, data.val_path when
     validating; eval: something to evaluate, `checkpoint` (the --checkpoint flag) when given;
-    all: parallel.context_parallel 1 (counted by `mgrpo plan`, not wired into training), the
-    FP8 copy's source for launched servers."""
+    all: parallel.context_parallel 1 (counted by `mgrpo plan`, not wired into training), a GPU
+    for model.fp8, the FP8 copy's source for launched servers."""
     if purpose not in PURPOSES:
         raise ValueError(f"purpose {purpose!r}; accepted: {' | '.join(PURPOSES)}")
     d, m = cfg.data, cfg.model
@@ -58,6 +58,13 @@ def check_run(cfg, purpose: str, checkpoint: Optional[str] = None) -> None:
             _a_file("data.val_path", d.val_path)
     if purpose == "eval" and d.val_path:
         _a_file("data.val_path", d.val_path)
+    if m.fp8 is not None:
+        import torch  # only here: FP8 asks the machine (models.gpt checks TE and the GPU kind)
+
+        if not (torch.cuda.is_available() and torch.cuda.device_count() > 0):
+            raise ConfigError(f"model.fp8: got {m.fp8!r}; accepted here: null (FP8 needs a CUDA "
+                              "GPU with FP8, Hopper or newer, and Transformer Engine; this "
+                              "machine has no GPU)")
     if (purpose != "smoke" and cfg.rollout.backend == "sglang" and cfg.sglang.launch
             and cfg.rollout.weight_format == "fp8" and not (m.load and os.path.isdir(m.load))):
         fail("model.load", m.load, "an HF directory (rollout.weight_format fp8 with "
