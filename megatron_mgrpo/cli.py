@@ -6,11 +6,13 @@
     mgrpo eval [CONFIG] --model HF_DIR --benchmarks math500,aime24,...   an HF model's scores
     mgrpo smoke CONFIG [--section.key value ...]   update steps on a fixed synthetic batch
     mgrpo serve --model HF_DIR [--host H] [--port P]  an SGLang-protocol rollout server (CPU)
-    mgrpo plan CONFIG --gpus N [--json]            memory per GPU of the layout (does it fit?)
+    mgrpo plan CONFIG [--gpus N] [--json]          memory per GPU of the layout (does it fit?)
     mgrpo config CONFIG [--section.key value ...]  print the resolved config (YAML)
     mgrpo config --help-fields                     every config field with its docstring
 
-Run under torchrun for more than one process; every rank runs the same command.
+Run under torchrun for more than one process; every rank runs the same command. A config
+error is one line on stderr and exit code 2, before torch.distributed or megatron-core is
+imported.
 """
 
 from __future__ import annotations
@@ -23,6 +25,16 @@ from megatron_mgrpo.config import Config, ConfigError, dump_config, field_docs, 
 from megatron_mgrpo.data.prompts import DataError
 from megatron_mgrpo.data.tokenizer import TokenizerError
 from megatron_mgrpo.errors import CheckpointError, RolloutError, RunStopped
+
+OVERRIDES = """\
+config overrides:
+  --section.key VALUE, --section.key=VALUE
+                        set any config field over the file's value, e.g.
+                        --optimizer.lr 1e-5 --rollout.num_policy_rollouts 8
+                        --eval.benchmarks '[math500, aime24]' --model.rope_scaling.factor 8;
+                        values are YAML (null, true, 1e-5, [a, b], {k: v});
+                        `mgrpo config --help-fields` lists every field,
+                        `mgrpo config CONFIG [overrides]` prints the result"""
 
 
 def _world_size() -> Optional[int]:
@@ -42,26 +54,26 @@ def _help_fields() -> str:
         lines.append(f"{f.name}:")
         for sub in dataclasses.fields(section):
             doc = " ".join(docs.get(sub.name, "").split())
-            default = sub.default if sub.default is not dataclasses.MISSING else "..."
+            default = (sub.default if sub.default is not dataclasses.MISSING
+                       else sub.default_factory())
             lines.append(f"  {sub.name} = {default!r}\n      {doc}")
     return "\n".join(lines)
 
 
 def _plan(args, overrides: List[str]) -> int:
-    import dataclasses
     import os
 
     from megatron_mgrpo.plan import format_plan, plan_memory
 
-    cfg = load_config(args.config, overrides, validate=False)
+    shipped = load_config(args.config, overrides, validate=False)
     # The servers a job attaches to are known only once it runs (the slurm launchers pass
     # them): a placeholder lets the rest of the config be checked.
-    if cfg.rollout.backend == "sglang" and not (cfg.sglang.urls or cfg.sglang.launch):
-        cfg = dataclasses.replace(cfg, sglang=dataclasses.replace(
-            cfg.sglang, urls=["http://rollout-server:30000"]))
-    gpus = args.gpus or int(os.environ.get(
-        "WORLD_SIZE", cfg.parallel.tensor_parallel * cfg.parallel.pipeline_parallel))
-    cfg.validate(world_size=gpus)
+    if shipped.rollout.backend == "sglang" and not (shipped.sglang.urls or shipped.sglang.launch):
+        overrides = [*overrides, "--sglang.urls", '["http://rollout-server:30000"]']
+    p = shipped.parallel
+    gpus = args.gpus or p.num_gpus or int(os.environ.get(
+        "WORLD_SIZE", p.tensor_parallel * p.pipeline_parallel * p.context_parallel))
+    cfg = load_config(args.config, overrides, world_size=gpus)
     plan = plan_memory(cfg, gpus, args.gpu_memory_gib, args.rollout_servers, args.server_tp)
     print(plan.to_json() if args.json else format_plan(plan))
     for problem in plan.problems():
@@ -75,12 +87,17 @@ def main(argv: Optional[List[str]] = None) -> int:
         epilog="Any config field can be overridden as --section.key value "
                "(see `mgrpo config --help-fields`).")
     sub = parser.add_subparsers(dest="command", required=True)
-    train = sub.add_parser("train", help="train with M-GRPO (or srt / ttrl / rlvr)")
+    with_overrides = dict(epilog=OVERRIDES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    train = sub.add_parser("train", help="train with M-GRPO (or srt / ttrl / rlvr)",
+                           usage="mgrpo train CONFIG [--resume] [--section.key VALUE ...]",
+                           **with_overrides)
     train.add_argument("config", help="YAML config file")
     train.add_argument("--resume", action="store_true",
                        help="continue from the newest checkpoint in training.run_dir")
     ev = sub.add_parser("eval", help="validation and benchmark scores (pass@1, maj@k, pass@k) "
-                                     "of a checkpoint or an HF model")
+                                     "of a checkpoint or an HF model",
+                        usage="mgrpo eval [CONFIG] [--checkpoint DIR | --model HF_DIR] "
+                              "[--benchmarks a,b] [--section.key VALUE ...]", **with_overrides)
     ev.add_argument("config", nargs="?",
                     help="YAML config file, right after `eval` (optional with --model)")
     source = ev.add_mutually_exclusive_group()
@@ -92,7 +109,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     ev.add_argument("--benchmarks", default=None,
                     help="comma-separated benchmarks (sets eval.benchmarks): math500, aime24, "
                          "aime25, gpqa, gpqa_diamond, livecodebench")
-    smoke = sub.add_parser("smoke", help="M-GRPO update steps on a fixed synthetic batch")
+    smoke = sub.add_parser("smoke", help="M-GRPO update steps on a fixed synthetic batch",
+                           usage="mgrpo smoke CONFIG [--section.key VALUE ...]", **with_overrides)
     smoke.add_argument("config", help="YAML config file")
     srv = sub.add_parser("serve", help="an SGLang-protocol rollout server on the embedded "
                                        "engine (CPU, laptops, tests)")
@@ -103,17 +121,25 @@ def main(argv: Optional[List[str]] = None) -> int:
     srv.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     srv.add_argument("--weight-version", default="default",
                      help="the version reported until the first weight update")
-    plan = sub.add_parser("plan", help="memory per GPU of a config's layout, before queueing")
+    plan = sub.add_parser("plan", help="memory per GPU of a config's layout, before queueing",
+                          usage="mgrpo plan CONFIG [--gpus N] [--rollout-servers N] "
+                                "[--server-tp N] [--json] [--section.key VALUE ...]",
+                          **with_overrides)
     plan.add_argument("config", help="YAML config file")
     plan.add_argument("--gpus", type=int, default=None,
-                      help="training GPUs (default: WORLD_SIZE, else TP x PP)")
+                      help="training GPUs (default: parallel.num_gpus, else WORLD_SIZE, else "
+                           "TP x PP x CP)")
     plan.add_argument("--gpu-memory-gib", type=float, default=80.0,
                       help="memory of one GPU (default 80: H100-80GB)")
     plan.add_argument("--rollout-servers", type=int, default=None,
-                      help="SGLang servers (default: sglang.urls or sglang.launch, else 1)")
-    plan.add_argument("--server-tp", type=int, default=1, help="GPUs per SGLang server (--tp)")
+                      help="SGLang servers (default: sglang.num_servers, else as many as "
+                           "sglang.urls or sglang.launch, else 1)")
+    plan.add_argument("--server-tp", type=int, default=None,
+                      help="GPUs per SGLang server, its --tp (default: sglang.server_tp)")
     plan.add_argument("--json", action="store_true", help="one JSON object instead of text")
-    show = sub.add_parser("config", help="print the resolved config")
+    show = sub.add_parser("config", help="print the resolved config",
+                          usage="mgrpo config [CONFIG] [--section.key VALUE ...] | "
+                                "mgrpo config --help-fields", **with_overrides)
     show.add_argument("config", nargs="?", help="YAML config file")
     show.add_argument("--help-fields", action="store_true",
                       help="list every field with its documentation")
@@ -158,8 +184,22 @@ def main(argv: Optional[List[str]] = None) -> int:
                 names = [b.strip() for b in args.benchmarks.split(",") if b.strip()]
                 overrides = [*overrides, "--eval.benchmarks", "[" + ", ".join(names) + "]"]
             if args.model is not None:
+                import os
+
+                if not os.path.isfile(os.path.join(args.model, "config.json")):
+                    raise ConfigError(f"--model: no HF model directory (config.json) at "
+                                      f"{args.model!r}")
                 overrides = [*overrides, "--model.load", args.model]
         cfg = load_config(args.config, overrides, world_size=_world_size())
+        # Everything a config can be refused for, before torch.distributed and megatron-core.
+        from megatron_mgrpo.config.preflight import check_run
+
+        if args.command == "eval" and args.model is not None:
+            if not cfg.eval.benchmarks:
+                raise ConfigError("eval.benchmarks: got []; accepted: benchmarks to run (e.g. "
+                                  "--benchmarks math500,aime24)")
+        else:
+            check_run(cfg, args.command, getattr(args, "checkpoint", None))
         if args.command == "train":
             from megatron_mgrpo.trainer import train
 
@@ -199,10 +239,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         print("mgrpo: interrupted", file=sys.stderr)
         return 130
     finally:
-        if args.command in ("train", "eval", "smoke"):
-            from megatron_mgrpo.parallel import destroy_parallel
-
-            destroy_parallel()
+        # Only where a run set up process groups: importing megatron-core to tear down
+        # nothing cost a refused config seconds.
+        parallel = sys.modules.get("megatron_mgrpo.parallel")
+        if args.command in ("train", "eval", "smoke") and parallel is not None:
+            parallel.destroy_parallel()
     return 1
 
 

@@ -126,7 +126,7 @@ class MemoryPlan:
         if self.rollout["weights_gib"] >= self.rollout["capacity_gib"]:
             out.append(f"rollout: the weights take {self.rollout['weights_gib']:.1f} GiB per "
                        f"server GPU of {self.rollout['capacity_gib']:.1f} usable, no room for "
-                       "a KV cache; give each server more GPUs (--server-tp)")
+                       "a KV cache; give each server more GPUs (sglang.server_tp, or --server-tp)")
         return out
 
     @property
@@ -171,9 +171,11 @@ def _activations_per_layer(m: ModelConfig, s: int, b: int, tp: int, sp: bool,
 
 
 def plan_memory(cfg: Config, num_gpus: int, gpu_memory_gib: float = 80.0,
-                rollout_servers: Optional[int] = None, server_tp: int = 1,
+                rollout_servers: Optional[int] = None, server_tp: Optional[int] = None,
                 mem_fraction: float = 0.85) -> MemoryPlan:
-    """The memory plan of `cfg` on `num_gpus` training GPUs (see the module docstring)."""
+    """The memory plan of `cfg` on `num_gpus` training GPUs (see the module docstring).
+    `rollout_servers` defaults to sglang.num_servers, else len(sglang.urls) or sglang.launch,
+    else 1; `server_tp` to sglang.server_tp."""
     from megatron_mgrpo.models.architecture import complete
     from megatron_mgrpo.models.gpt import padded_vocab_size
 
@@ -223,7 +225,9 @@ def plan_memory(cfg: Config, num_gpus: int, gpu_memory_gib: float = 80.0,
         if worst is None or sum(gib.values()) > sum(worst.values()):
             worst = gib
     total = count_parameters(cfg.model)["total"]
-    servers = rollout_servers or max(len(cfg.sglang.urls), cfg.sglang.launch, 1)
+    servers = rollout_servers or cfg.sglang.num_servers or max(len(cfg.sglang.urls),
+                                                               cfg.sglang.launch, 1)
+    server_tp = server_tp or cfg.sglang.server_tp
     kv_per_token = 2 * m.num_layers * m.num_key_value_heads * m.head_dim * 2
     kv = sequences * s * kv_per_token / servers / server_tp / GIB
     weights = rollout_weight_bytes(cfg.model, r.weight_format, r.fp8_block_size) \

@@ -397,3 +397,17 @@ def test_context_parallel_is_planned_but_training_refuses_it():
     with pytest.raises(ConfigError, match=r"^parallel.context_parallel: got 2; accepted here: "
                                           r"1 \(context parallelism is counted by `mgrpo plan`"):
         init_parallel(cfg.parallel)
+
+
+def test_the_layout_mgrpo_plan_plans_for_is_checked():
+    assert error_of(None, ["--parallel.tensor_parallel", "2", "--parallel.num_gpus", "3"]) == (
+        "parallel.num_gpus: got 3; accepted: 0 (the world size) or a multiple of "
+        "parallel.tensor_parallel x pipeline_parallel x context_parallel = 2")
+    assert error_of(None, ["--rollout.backend", "sglang", "--sglang.launch", "1",
+                           "--sglang.server_tp", "0"]) == \
+        "sglang.server_tp: got 0; accepted: an integer >= 1"
+    assert error_of(None, ["--rollout.backend", "sglang", "--sglang.launch", "1",
+                           "--sglang.num_servers", "-1"]) == \
+        "sglang.num_servers: got -1; accepted: an integer >= 0 (0: as many as urls)"
+    cfg = load_config(None, ["--parallel.tensor_parallel", "2", "--parallel.num_gpus", "8"])
+    assert cfg.parallel.num_gpus == 8

@@ -66,7 +66,8 @@ def tiny(cfg_path, model_dir, data_dir, prompts, run_dir):  # noqa: F811
         "--model.vocab_size", "320", "--model.hidden_size", "64",
         "--model.intermediate_size", "128", "--model.num_layers", "2",
         "--model.num_attention_heads", "4", "--model.num_key_value_heads", "2",
-        "--model.head_dim", "16", "--model.max_position_embeddings", "512",
+        # 1024 positions: the shipped 512-token prompts plus completions must fit.
+        "--model.head_dim", "16", "--model.max_position_embeddings", "1024",
         "--parallel.tensor_parallel", "1", "--parallel.pipeline_parallel", "1",
         "--parallel.sequence_parallel", "false",
         "--rollout.backend", "embedded", "--rollout.max_new_tokens", "12",

@@ -161,14 +161,18 @@ def test_fp8_rollout_weights_by_hand():
         "weights_gib"]
 
 
-@pytest.mark.parametrize("config, gpus, servers, server_tp", [
+LAUNCHERS = [
     ("examples/llama3_70b.yaml", 64, 4, 8),   # slurm/mgrpo_70b.sh: 8 nodes x 8, 4 servers
     ("examples/llama3_8b.yaml", 16, 8, 1),    # slurm/mgrpo_8b.sh
     ("examples/qwen3_4b_base.yaml", 8, 8, 1),  # slurm/mgrpo_smoke.sh
-])
+]
+
+
+@pytest.mark.parametrize("config, gpus, servers, server_tp", LAUNCHERS)
 def test_the_launchers_layouts_fit_on_h100_80gb(config, gpus, servers, server_tp):
-    run = plan_cli(config, "--gpus", str(gpus), "--rollout-servers", str(servers),
-                   "--server-tp", str(server_tp), "--json")
+    """With no flags: the layout is the config's own (parallel.num_gpus, sglang.num_servers,
+    sglang.server_tp), the one its launcher starts."""
+    run = plan_cli(config, "--json")
     assert run.returncode == 0, run.stderr
     plan = json.loads(run.stdout)
     assert plan["per_gpu_peak_gib"] < 75 and plan["fits"]
@@ -176,7 +180,38 @@ def test_the_launchers_layouts_fit_on_h100_80gb(config, gpus, servers, server_tp
                                         "activations", "logits", "overhead"}
     # kl_coef 0.005 as the paper's script: the frozen base again, in bf16 like the weights.
     assert plan["per_gpu_gib"]["reference"] == plan["per_gpu_gib"]["params"] > 0
-    assert plan["layout"]["gpus"] == gpus
+    layout = plan["layout"]
+    assert (layout["gpus"], layout["rollout_servers"], layout["server_tp"]) == \
+        (gpus, servers, server_tp)
+    # The flags plan another layout; given as the config has it, the same plan.
+    flags = plan_cli(config, "--gpus", str(gpus), "--rollout-servers", str(servers),
+                     "--server-tp", str(server_tp), "--json")
+    assert json.loads(flags.stdout) == plan
+
+
+def test_every_shipped_config_plans_and_fits_with_no_flags(tmp_path):
+    """`mgrpo plan CONFIG` as the README and the headers write it, for every example (the sweep
+    file is a grid over tiny/config.yaml, not a config; the tiny run's base is written here
+    as its config.json, the shape prepare_tiny gives it)."""
+    import glob
+
+    from megatron_mgrpo.models.architecture import hf_config_dict
+
+    base = tmp_path / "tiny_base"
+    base.mkdir()
+    (base / "config.json").write_text(json.dumps(hf_config_dict(ModelConfig(
+        architecture="qwen3", vocab_size=512, hidden_size=128, intermediate_size=256,
+        num_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        tie_word_embeddings=True))))
+    shipped = sorted(os.path.relpath(p, ROOT) for p in
+                     glob.glob(os.path.join(ROOT, "examples", "**", "*.yaml"), recursive=True))
+    assert len(shipped) == 7
+    for config in shipped:
+        if config == "examples/sweep_tiny.yaml":
+            continue
+        extra = ["--model.load", str(base)] if config == "examples/tiny/config.yaml" else []
+        run = plan_cli(config, *extra)
+        assert run.returncode == 0 and run.stdout.endswith("fits\n"), (config, run.stderr)
 
 
 def test_a_config_that_does_not_fit_is_refused_with_what_to_change():

@@ -1,37 +1,69 @@
 """The M-GRPO method as pure tensor functions: vote, rewards, entropy filter, advantages, loss,
-momentum (EMA) update, and the modes that switch them. No process groups, no I/O."""
+momentum (EMA) update, and the modes that switch them. No process groups, no I/O.
 
-from megatron_mgrpo.algorithm.advantages import group_advantages
-from megatron_mgrpo.algorithm.ema import check_momentum, ema_step, ema_update_
-from megatron_mgrpo.algorithm.entropy_filter import (
-    IQRFilterResult,
-    iqr_entropy_filter,
-    trajectory_entropy,
-)
-from megatron_mgrpo.algorithm.loss import LossStats, clipped_surrogate_loss, kl_low_var
-from megatron_mgrpo.algorithm.modes import MODES, ModePlan, plan_for_mode, select_training_subset
-from megatron_mgrpo.algorithm.rewards import binary_rewards, group_binary_rewards
-from megatron_mgrpo.algorithm.vote import VoteResult, exact_match, majority_vote, pseudo_labels
+The names below load their module on first use (PEP 562), so that reading the mode rules
+(`algorithm.modes`, which the config's validation does) does not import torch and every other
+module here: a refused config costs no torch import.
+"""
 
-__all__ = [
-    "MODES",
-    "IQRFilterResult",
-    "LossStats",
-    "ModePlan",
-    "VoteResult",
-    "binary_rewards",
-    "check_momentum",
-    "clipped_surrogate_loss",
-    "ema_step",
-    "ema_update_",
-    "exact_match",
-    "group_advantages",
-    "group_binary_rewards",
-    "iqr_entropy_filter",
-    "kl_low_var",
-    "majority_vote",
-    "plan_for_mode",
-    "pseudo_labels",
-    "select_training_subset",
-    "trajectory_entropy",
-]
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+# Name -> the module of this package that defines it.
+_WHERE = {
+    "group_advantages": "advantages",
+    "check_momentum": "ema", "ema_step": "ema", "ema_update_": "ema",
+    "IQRFilterResult": "entropy_filter", "iqr_entropy_filter": "entropy_filter",
+    "trajectory_entropy": "entropy_filter",
+    "LossStats": "loss", "clipped_surrogate_loss": "loss", "kl_low_var": "loss",
+    "MODES": "modes", "ModePlan": "modes", "plan_for_mode": "modes",
+    "select_training_subset": "modes",
+    "binary_rewards": "rewards", "group_binary_rewards": "rewards",
+    "VoteResult": "vote", "exact_match": "vote", "majority_vote": "vote",
+    "pseudo_labels": "vote",
+}
+
+__all__ = sorted(_WHERE, key=str.lower)
+
+
+def __getattr__(name: str) -> Any:
+    module = _WHERE.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_WHERE))
+
+
+if TYPE_CHECKING:  # what the names are, for readers and type checkers
+    from megatron_mgrpo.algorithm.advantages import group_advantages  # noqa: F401
+    from megatron_mgrpo.algorithm.ema import check_momentum, ema_step, ema_update_  # noqa: F401
+    from megatron_mgrpo.algorithm.entropy_filter import (  # noqa: F401
+        IQRFilterResult,
+        iqr_entropy_filter,
+        trajectory_entropy,
+    )
+    from megatron_mgrpo.algorithm.loss import (  # noqa: F401
+        LossStats,
+        clipped_surrogate_loss,
+        kl_low_var,
+    )
+    from megatron_mgrpo.algorithm.modes import (  # noqa: F401
+        MODES,
+        ModePlan,
+        plan_for_mode,
+        select_training_subset,
+    )
+    from megatron_mgrpo.algorithm.rewards import binary_rewards, group_binary_rewards  # noqa
+    from megatron_mgrpo.algorithm.vote import (  # noqa: F401
+        VoteResult,
+        exact_match,
+        majority_vote,
+        pseudo_labels,
+    )

@@ -15,9 +15,10 @@ momentum completions (off-policy, importance-weighted by their recorded log-prob
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["MODES", "ModePlan", "plan_for_mode", "select_training_subset"]
 
@@ -111,6 +112,8 @@ def select_training_subset(
 ) -> torch.Tensor:
     """TTRL: `num_train` distinct indices out of `num_samples`, uniformly at random, sorted;
     int64 [num_train]. The same seeded `generator` state gives the same subset."""
+    import torch  # here: the mode rules above are read by config validation, without torch
+
     if not 1 <= num_train <= num_samples:
         raise ValueError(f"num_train must be in [1, num_samples={num_samples}], got {num_train}")
     return torch.randperm(num_samples, generator=generator)[:num_train].sort().values

@@ -6,9 +6,11 @@ trace from deep inside megatron-core. This module imports nothing from the packa
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from typing import Any, NoReturn
 
-__all__ = ["ConfigError", "fail", "positive", "one_of"]
+__all__ = ["ConfigError", "fail", "positive", "one_of", "all_finite"]
 
 
 class ConfigError(ValueError):
@@ -27,3 +29,19 @@ def positive(path: str, value: Any) -> None:
 def one_of(path: str, value: Any, choices: tuple) -> None:
     if value not in choices:
         fail(path, value, " | ".join(choices))
+
+
+def all_finite(value: Any, path: str = "") -> None:
+    """Every float anywhere in `value` (a config dataclass, and the mappings and lists inside
+    it) is finite: `.inf` and `.nan` are refused naming the field, whatever the field."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        for f in dataclasses.fields(value):
+            all_finite(getattr(value, f.name), f"{path}.{f.name}" if path else f.name)
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            all_finite(v, f"{path}.{k}")
+    elif isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            all_finite(v, f"{path}[{i}]")
+    elif isinstance(value, float) and not math.isfinite(value):
+        fail(path, value, "a finite number")

@@ -123,6 +123,10 @@ def _read_yaml(path: str) -> Any:
         raise ConfigError(f"config file is a directory: {path}") from None
     except OSError as e:
         raise ConfigError(f"config file {path}: cannot read ({e.strerror})") from None
+    except UnicodeDecodeError as e:
+        line = e.object[:e.start].count(b"\n") + 1
+        raise ConfigError(f"config file {path}: not UTF-8 text (byte 0x{e.object[e.start]:02x} "
+                          f"at line {line}); save it as UTF-8") from None
     try:
         return yaml.load(text, Loader=_Loader)
     except yaml.YAMLError as e:
@@ -408,8 +412,10 @@ def load_config(path: Optional[str] = None, overrides: Sequence[str] = (), cls: 
 
     `overrides` are command-line tokens: `--section.key VALUE` or `--section.key=VALUE`, values
     read as YAML (`null`, `true`, `1e-5`, `[1, 2]`); keys inside a mapping field
-    (`--model.rope_scaling.factor 8`) work too. With `validate`, `cls.validate(world_size)`
-    runs last. Every problem raises one `ConfigError` line naming the key.
+    (`--model.rope_scaling.factor 8`) work too. With `validate`, `cls.resolve(written keys)`
+    (the effective model: the base's architecture where model.load names one) and
+    `cls.validate(world_size)` run last. Every problem raises one `ConfigError` line naming
+    the key.
     """
     raw: Any = {}
     if path is not None:
@@ -423,6 +429,10 @@ def load_config(path: Optional[str] = None, overrides: Sequence[str] = (), cls: 
     for key, text, flag in _parse_overrides(overrides):
         _apply_override(raw, cls, key, _parse_value(text, flag))
     cfg = _build(cls, raw, "", cls)
+    if validate and hasattr(cfg, "resolve"):
+        # The keys written per section (file and overrides): fields a base model sets must
+        # agree with it where they are written.
+        cfg = cfg.resolve({k: set(v) for k, v in raw.items() if isinstance(v, dict)})
     if validate and hasattr(cfg, "validate"):
         cfg.validate(world_size)
     return cfg

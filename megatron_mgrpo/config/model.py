@@ -10,15 +10,17 @@ kept here because validation needs it; `models.architecture` re-exports it besid
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import os
 from dataclasses import dataclass
-from typing import Any, Dict, Literal, Optional
+from typing import Any, Dict, Iterable, Literal, Optional
 
 from megatron_mgrpo.config.checks import ConfigError, fail, one_of, positive
 
 __all__ = ["ModelConfig", "ParallelConfig", "ARCHITECTURES", "DTYPES", "FP8_RECIPES",
-           "LLAMA3_ROPE_KEYS", "HF_KEYS", "read_hf_config", "model_config_from_hf", "complete"]
+           "LLAMA3_ROPE_KEYS", "HF_KEYS", "ARCHITECTURE_FIELDS", "read_hf_config",
+           "model_config_from_hf", "complete", "resolve"]
 
 ARCHITECTURES = ("llama", "qwen2", "qwen3")
 DTYPES = ("fp32", "bf16", "fp16")
@@ -36,9 +38,11 @@ class ModelConfig:
     `qwen2` (Qwen2/2.5: as llama plus QKV bias), `qwen3` (Qwen3: as llama plus QK-norm)."""
 
     hf_config: Optional[str] = None
-    """Path to an HF model directory or config.json. When set, the architecture fields below are
-    read from it and take precedence over values written here (only `params_dtype`,
-    `make_vocab_size_divisible_by`, `init_std` and `seed` are kept from this section)."""
+    """Path to an HF model directory or config.json. When set, the architecture fields below
+    (architecture, vocab_size ... attention_bias, qk_norm) are read from it when the config is
+    loaded: `mgrpo config` and the run's config.yaml show the base's values, and a field
+    written here that disagrees with it is refused (the rest of this section, like
+    `params_dtype`, `make_vocab_size_divisible_by`, `init_std`, `seed`, stays the run's)."""
 
     vocab_size: int = 256
     """Vocabulary size (`vocab_size`). Padded up to a multiple of `make_vocab_size_divisible_by`
@@ -88,9 +92,10 @@ class ModelConfig:
     """RMSNorm on queries and keys per head; None means the family's default (True for qwen3)."""
 
     load: Optional[str] = None
-    """HF model directory (safetensors) to initialise the policy and the momentum model from.
-    Its config.json is used for the architecture when `hf_config` is not set. None: random
-    init (tests, smoke runs)."""
+    """HF model directory (safetensors), or the output of tools/convert_hf_to_megatron.py, to
+    initialise the policy and the momentum model from. Its config.json gives the architecture
+    when `hf_config` is not set, as `hf_config` describes; its tokenizer is the run's unless
+    `data.tokenizer` is set. None: random init (tests, smoke runs)."""
 
     params_dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
     """Precision of the model weights and compute. The optimizer keeps fp32 main params."""
@@ -191,6 +196,11 @@ class ParallelConfig:
     backend: Literal["auto", "nccl", "gloo"] = "auto"
     """torch.distributed backend: `auto` is nccl with a GPU and gloo without."""
 
+    num_gpus: int = 0
+    """Training GPUs the job is laid out for (a slurm launcher's TRAIN_NODES x GPUS_PER_NODE):
+    what `mgrpo plan` plans for without --gpus. A run itself takes its world size from
+    torchrun and only checks it against TP x PP. 0: WORLD_SIZE, else TP x PP x CP."""
+
     def validate(self, model: ModelConfig, world_size: Optional[int] = None) -> None:
         """Check the layout against `model` (what `ModelConfig.validate()` returns) and, when
         given, the world size; ConfigError naming the field."""
@@ -223,6 +233,12 @@ class ParallelConfig:
             fail("parallel.virtual_pipeline", p.virtual_pipeline,
                  f"a value with pipeline_parallel x virtual_pipeline dividing "
                  f"model.num_layers={m.num_layers}")
+        if p.num_gpus < 0 or p.num_gpus % (p.tensor_parallel * p.pipeline_parallel
+                                           * p.context_parallel):
+            fail("parallel.num_gpus", p.num_gpus,
+                 "0 (the world size) or a multiple of parallel.tensor_parallel x "
+                 "pipeline_parallel x context_parallel = "
+                 f"{p.tensor_parallel * p.pipeline_parallel * p.context_parallel}")
         if p.sequence_parallel and p.tensor_parallel == 1:
             fail("parallel.sequence_parallel", True, "false when parallel.tensor_parallel is 1")
         if world_size is not None:
@@ -261,24 +277,53 @@ HF_KEYS = {
 }
 
 
-def read_hf_config(path: str) -> Dict[str, Any]:
-    """Load an HF config.json (given the file or its directory) as a dict."""
+def read_hf_config(path: str, field: str = "model.hf_config") -> Dict[str, Any]:
+    """Load an HF config.json (given the file or its directory) as a dict; a ConfigError naming
+    `field` (the config field that gave `path`) when there is none."""
     file = os.path.join(path, "config.json") if os.path.isdir(path) else path
     if not os.path.isfile(file):
-        raise ConfigError(f"model.hf_config: no config.json at {path!r}")
-    with open(file) as f:
-        try:
-            return json.load(f)
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"model.hf_config: {file} is not valid JSON ({e})") from None
+        if field == "model.load":
+            raise ConfigError(_no_base_message(path))
+        raise ConfigError(f"{field}: no config.json at {path!r}")
+    try:
+        with open(file, encoding="utf-8") as f:
+            hf = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{field}: {file} is not valid JSON ({e})") from None
+    except OSError as e:
+        raise ConfigError(f"{field}: cannot read {file} ({e.strerror})") from None
+    if not isinstance(hf, dict):
+        raise ConfigError(f"{field}: {file} is not a JSON object")
+    return hf
 
 
-def model_config_from_hf(hf: Dict[str, Any], base: ModelConfig | None = None) -> ModelConfig:
-    """Build a ModelConfig from an HF config dict (fields missing there keep `base`'s value)."""
+TINY_BASE = "runs/tiny_base"
+
+
+def _no_base_message(path: str) -> str:
+    """model.load names nothing usable: say what is accepted, and where the demo's base comes
+    from when the path looks like it."""
+    what = ("no HF model directory or converted checkpoint" if not os.path.exists(path)
+            else "no config.json in" if os.path.isdir(path)
+            else "a file, not an HF model directory or converted checkpoint:")
+    line = f"model.load: {what} at {path!r}" if what.startswith("no HF") else \
+        f"model.load: {what} {path!r}"
+    norm = os.path.normpath(path).replace(os.sep, "/")
+    if norm.startswith("runs/") and \
+            difflib.SequenceMatcher(None, norm, TINY_BASE).ratio() >= 0.75:
+        line += f" (`make train` builds {TINY_BASE}"
+        line += ")" if norm == TINY_BASE else f"; did you mean {TINY_BASE!r}?)"
+    return line
+
+
+def model_config_from_hf(hf: Dict[str, Any], base: ModelConfig | None = None,
+                        field: str = "model.hf_config") -> ModelConfig:
+    """Build a ModelConfig from an HF config dict (fields missing there keep `base`'s value);
+    errors name `field`, the config field the dict came from."""
     model_type = hf.get("model_type")
     family = _FAMILY_OF_MODEL_TYPE.get(model_type)
     if family is None:
-        raise ConfigError(f"model.hf_config: model_type {model_type!r} is not supported; "
+        raise ConfigError(f"{field}: model_type {model_type!r} is not supported; "
                           f"accepted: {' | '.join(_FAMILY_OF_MODEL_TYPE)}")
     values = dataclasses.asdict(base or ModelConfig())
     values["architecture"] = family
@@ -290,8 +335,8 @@ def model_config_from_hf(hf: Dict[str, Any], base: ModelConfig | None = None) ->
     if isinstance(rope_params, dict):
         if "rope_theta" in rope_params:
             values["rope_theta"] = rope_params["rope_theta"]
-        if rope_params.get("rope_type", "default") != "default":
-            values["rope_scaling"] = dict(rope_params)
+        if rope_params.get("rope_type", "default") != "default":  # rope_theta is a field
+            values["rope_scaling"] = {k: v for k, v in rope_params.items() if k != "rope_theta"}
     if family == "qwen3":
         values["qk_norm"] = True
     return _fill_defaults(ModelConfig(**values))
@@ -300,10 +345,35 @@ def model_config_from_hf(hf: Dict[str, Any], base: ModelConfig | None = None) ->
 def complete(m: ModelConfig) -> ModelConfig:
     """The full architecture: from `hf_config`, else from the config.json of `load`, else from
     the fields themselves; then the family defaults (kv heads, head_dim, QKV bias, QK-norm)."""
-    source = m.hf_config or m.load
-    if source:
-        m = model_config_from_hf(read_hf_config(source), dataclasses.replace(m, hf_config=None))
+    if m.hf_config or m.load:
+        field = "model.hf_config" if m.hf_config else "model.load"
+        m = model_config_from_hf(read_hf_config(m.hf_config or m.load, field),
+                                 dataclasses.replace(m, hf_config=None), field)
     return _fill_defaults(m)
+
+
+# The fields a base's config.json sets (the rest, like params_dtype, stay the run's own).
+ARCHITECTURE_FIELDS = ("architecture", *HF_KEYS, "qk_norm")
+
+
+def resolve(m: ModelConfig, given: Iterable[str] = ()) -> ModelConfig:
+    """The model section as the run builds it. Where `hf_config` or `load` names a base, its
+    architecture fields (ARCHITECTURE_FIELDS) are the base's config.json, completed with the
+    family defaults; `given` names the fields the user wrote (in the file or as overrides), and
+    each of those must agree with the base: a ConfigError names the field and both values.
+    Without a base the section is returned as written."""
+    if not (m.hf_config or m.load):
+        return m
+    base = complete(m)
+    field = "model.hf_config" if m.hf_config else "model.load"
+    for name in ARCHITECTURE_FIELDS:
+        mine, theirs = getattr(m, name), getattr(base, name)
+        if name in given and mine is not None and mine != theirs:
+            raise ConfigError(
+                f"model.{name}: got {mine!r}, but the config.json of {field} "
+                f"{m.hf_config or m.load!r} has {theirs!r}; drop model.{name} (the base's "
+                f"architecture is used) or make it {theirs!r}")
+    return dataclasses.replace(base, hf_config=m.hf_config)
 
 
 def _fill_defaults(m: ModelConfig) -> ModelConfig:

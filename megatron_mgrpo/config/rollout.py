@@ -98,6 +98,15 @@ class SGLangConfig:
     base_port: int = 0
     """First port of launched servers (consecutive after it); 0: any free ports."""
 
+    num_servers: int = 0
+    """Servers per group a launcher starts and passes as `urls` (slurm: ROLLOUT_NODES x
+    SERVERS_PER_NODE), for `mgrpo plan` before the urls exist. 0: len(urls), or launch, else 1.
+    The run itself uses the servers in urls (or launches `launch`)."""
+
+    server_tp: int = 1
+    """GPUs per server (SGLang's --tp; slurm: SGLANG_TP), for `mgrpo plan`'s rollout memory.
+    Launched servers get it only through `launch_command` (add `--tp N` there)."""
+
     placement: Literal["swap", "separate"] = "swap"
     """`swap`: one group of servers loads the momentum and the policy weights in turn.
     `separate`: a group per weight set (twice the servers, no swaps)."""
@@ -139,6 +148,9 @@ class SGLangConfig:
         one_of("sglang.placement", g.placement, ("swap", "separate"))
         one_of("sglang.transport", g.transport, ("tensor", "distributed", "disk"))
         one_of("sglang.dist_backend", g.dist_backend, ("auto", "nccl", "gloo"))
+        if g.num_servers < 0:
+            fail("sglang.num_servers", g.num_servers, "an integer >= 0 (0: as many as urls)")
+        positive("sglang.server_tp", g.server_tp)
         if g.launch < 0:
             fail("sglang.launch", g.launch, "an integer >= 0")
         if g.launch == 0 and not g.urls:

@@ -13,12 +13,13 @@ config, never the reverse (tests/test_layering.py). This module re-exports every
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Iterable, Mapping, Optional
 
-from megatron_mgrpo.config.checks import ConfigError, fail
+from megatron_mgrpo.config.checks import ConfigError, all_finite, fail
 from megatron_mgrpo.config.model import (ARCHITECTURES, DTYPES, LLAMA3_ROPE_KEYS, ModelConfig,
-                                         ParallelConfig)
+                                         ParallelConfig, resolve)
 from megatron_mgrpo.config.reporting import EvalConfig, LoggingConfig
 from megatron_mgrpo.config.rollout import RolloutConfig, SGLangConfig
 from megatron_mgrpo.config.training import (AlgorithmConfig, DataConfig, OptimizerConfig,
@@ -63,10 +64,19 @@ class Config:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     """Metrics and progress."""
 
+    def resolve(self, given: Optional[Mapping[str, Iterable[str]]] = None) -> "Config":
+        """This config with the effective model section: the base's architecture where
+        model.load (or model.hf_config) names one (`config.model.resolve`). `given`: the keys
+        written per section (`load_config` passes the file's and the overrides'); a written
+        model field that disagrees with the base is a ConfigError."""
+        given = given or {}
+        return dataclasses.replace(self, model=resolve(self.model, set(given.get("model", ()))))
+
     def validate(self, world_size: Optional[int] = None) -> "Config":
         """Check every section and the constraints between them; raise ConfigError naming the
         field. `world_size`, when given, must be a multiple of the model-parallel size.
         Returns self."""
+        all_finite(self)  # .inf / .nan in any float field, before any rule compares them
         model = self.model.validate()  # the architecture the layout is checked against
         if self.model.fp8_param_gather and (self.model.fp8 is None
                                             or not self.parallel.use_distributed_optimizer):
@@ -82,5 +92,49 @@ class Config:
         self.training.validate()
         self.eval.validate()
         self.logging.validate()
+        self._check_lengths(model)
+        self._check_minibatches()
         return self
+
+    def _check_lengths(self, model: ModelConfig) -> None:
+        """A prompt and its completion fit in the model's context (positions beyond
+        max_position_embeddings have no trained RoPE and overflow the rollout engine)."""
+        ctx = model.max_position_embeddings
+        base = self.model.hf_config or self.model.load
+        where = f"model.max_position_embeddings={ctx}" + (
+            f" (the config.json of {base!r})" if base else "")
+        d, r, e = self.data, self.rollout, self.eval
+        if d.max_prompt_length + r.max_new_tokens > ctx:
+            raise ConfigError(f"data.max_prompt_length + rollout.max_new_tokens: got "
+                              f"{d.max_prompt_length} + {r.max_new_tokens} = "
+                              f"{d.max_prompt_length + r.max_new_tokens}; accepted: at most "
+                              f"{where}")
+        # Benchmarks run against a named base (or a run of one); the placeholder model of a
+        # config without one (examples/eval/benchmarks.yaml before --model) is not checked.
+        if e.benchmarks and base:
+            if e.max_prompt_length and e.max_prompt_length + e.max_new_tokens > ctx:
+                raise ConfigError(f"eval.max_prompt_length + eval.max_new_tokens: got "
+                                  f"{e.max_prompt_length} + {e.max_new_tokens} = "
+                                  f"{e.max_prompt_length + e.max_new_tokens}; accepted: at "
+                                  f"most {where}")
+            if e.max_new_tokens >= ctx:
+                fail("eval.max_new_tokens", e.max_new_tokens,
+                     f"less than {where}, leaving room for the prompt")
+
+    def _check_minibatches(self) -> None:
+        """Each PPO minibatch has rows to train on: at most as many minibatches as the step
+        trains rows (prompts x the completions per prompt that get gradient in this mode)."""
+        from megatron_mgrpo.algorithm.modes import plan_for_mode  # checked valid above
+
+        a, r, d = self.algorithm, self.rollout, self.data
+        mode = plan_for_mode(a.mode, r.num_policy_rollouts, r.num_momentum_rollouts,
+                             a.iqr_filter, a.ttrl_num_train, a.train_on_momentum_rollouts)
+        per_prompt = mode.num_train + (mode.num_momentum if mode.train_on_momentum_rollouts
+                                       else 0)
+        rows = d.prompts_per_step * per_prompt
+        if a.ppo_minibatches > rows:
+            fail("algorithm.ppo_minibatches", a.ppo_minibatches,
+                 f"at most the {rows} rows a step trains (data.prompts_per_step="
+                 f"{d.prompts_per_step} x {per_prompt} trained completions per prompt in mode "
+                 f"{a.mode})")
 

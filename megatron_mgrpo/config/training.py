@@ -2,11 +2,12 @@
 
 Each section checks its own fields (`validate()`). The mode rules are the algorithm's: the
 algorithm section checks the rollout counts against them with `algorithm.modes.plan_for_mode`,
-a leaf module (torch only, nothing else from this package).
+a leaf module (nothing else from this package, and no torch at import).
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Literal, Optional
 
@@ -94,7 +95,7 @@ class AlgorithmConfig:
     def validate(self, rollout: RolloutConfig) -> None:
         """Check this section, and the rollout counts against the mode's rules; ConfigError
         naming the field."""
-        from megatron_mgrpo.algorithm.modes import MODES, plan_for_mode  # imports torch
+        from megatron_mgrpo.algorithm.modes import MODES, plan_for_mode  # no torch
 
         a, r = self, rollout
         one_of("algorithm.mode", a.mode, MODES)
@@ -279,6 +280,8 @@ class TrainingConfig:
     def validate(self) -> None:
         """Check this section; ConfigError naming the field."""
         positive("training.steps", self.steps)
+        if os.path.exists(self.run_dir) and not os.path.isdir(self.run_dir):
+            fail("training.run_dir", self.run_dir, "a directory (this path is a file)")
         positive("training.eval_samples", self.eval_samples)
         one_of("training.on_nonfinite", self.on_nonfinite, ("stop", "skip"))
         if self.resume and self.overwrite:
