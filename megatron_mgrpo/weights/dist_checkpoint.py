@@ -26,7 +26,7 @@ import os
 import re
 import warnings
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
@@ -127,11 +127,13 @@ def _plan(shapes: Dict[str, Tuple[int, ...]], num_layers: int, tp: int, prefix: 
 
 
 def write_dist_checkpoint(out_dir: str, shapes: Dict[str, Tuple[int, ...]], num_layers: int,
-                          load: Callable[[str], torch.Tensor], dtype: torch.dtype, tp: int = 1,
+                          load: Callable[[str], torch.Tensor],
+                          dtype: Union[torch.dtype, Dict[str, torch.dtype]], tp: int = 1,
                           prefix: str = "", progress: Optional[Callable[[str], None]] = None
                           ) -> Dict[str, int]:
     """Write full tensors (`load(name)` for each name of `shapes`, asked for once per chunk, in
-    order) as a megatron-core dist checkpoint in `out_dir`, chunked as saved at `tp`.
+    order) as a megatron-core dist checkpoint in `out_dir`, chunked as saved at `tp`, in `dtype`
+    (one for all, or name -> dtype).
 
     Runs in one process without torch.distributed. Returns {"tensors", "chunks", "bytes"}.
     """
@@ -142,6 +144,7 @@ def write_dist_checkpoint(out_dir: str, shapes: Dict[str, Tuple[int, ...]], num_
     from torch.distributed.checkpoint.planner import (SavePlan, TensorWriteData, WriteItem,
                                                       WriteItemType)
 
+    dtypes = dtype if isinstance(dtype, dict) else {name: dtype for name in shapes}
     chunks = _plan(shapes, num_layers, tp, prefix)
     by_index = {(c.key, c.offsets): c for c in chunks}
     cache: Dict[str, torch.Tensor] = {}
@@ -155,7 +158,7 @@ def write_dist_checkpoint(out_dir: str, shapes: Dict[str, Tuple[int, ...]], num_
                           tensor_data=TensorWriteData(
                               chunk=ChunkStorageMetadata(torch.Size(c.offsets),
                                                          torch.Size(c.sizes)),
-                              properties=TensorProperties(dtype=dtype),
+                              properties=TensorProperties(dtype=dtypes[c.name]),
                               size=torch.Size(c.global_shape)))
                 for c in chunks], planner_data={})
             return self.plan
@@ -173,7 +176,7 @@ def write_dist_checkpoint(out_dir: str, shapes: Dict[str, Tuple[int, ...]], num_
             for d, (o, s) in enumerate(zip(c.offsets[lead:], c.sizes[lead:])):
                 local = local.narrow(d, o, s)
             # A fresh tensor: torch.save of a view would write the whole storage.
-            out = torch.empty(local.shape, dtype=dtype).copy_(local).reshape(c.sizes)
+            out = torch.empty(local.shape, dtype=dtypes[c.name]).copy_(local).reshape(c.sizes)
             written["bytes"] += out.numel() * out.element_size()
             return out
 

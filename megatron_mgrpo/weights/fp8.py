@@ -171,6 +171,9 @@ def quantize_hf_dir(src: str, dst: str, block_size: int = 128, overwrite: bool =
     from megatron_mgrpo.weights.safetensors_io import (DTYPES, StreamingWriter, read_header,
                                                        read_tensor)
 
+    if not os.path.isdir(src):
+        what = "not a directory" if os.path.exists(src) else "no such directory"
+        raise ConversionError(f"{src!r}: {what} (give an HF model directory)")
     files = sorted(glob.glob(os.path.join(src, "*.safetensors")))
     if not files:
         raise ConversionError(f"{src!r}: no *.safetensors files")
