@@ -470,3 +470,35 @@ def test_a_failed_force_leaves_the_old_output_whole(small_hf, tmp_path, capsys, 
                             "--force")
     assert line == "convert_hf_to_megatron: disk went away"
     assert os.listdir(out) == ["keep.txt"] and sorted(os.listdir(tmp_path)) == ["hf", "out"]
+
+
+@pytest.fixture
+def full_disk(tmp_path):
+    """A 64 KiB tmpfs (root with mount rights only; skipped elsewhere)."""
+    mount = tmp_path / "full"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount)],
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here ({done.stderr.strip()})")
+    try:
+        yield mount
+    finally:
+        busy = subprocess.run(["umount", str(mount)], capture_output=True, text=True)
+        if busy.returncode != 0:  # a file left open there: detach it anyway, and say so
+            subprocess.run(["umount", "-l", str(mount)], check=True)
+            pytest.fail(f"a file was left open on the full disk ({busy.stderr.strip()})")
+
+
+def test_a_full_disk_is_one_line_and_leaves_nothing(small_hf, tmp_path, full_disk, capsys):
+    """torch.save reports a full disk as `unexpected pos N vs M`: the tools say what it is."""
+    line = one_line_failure(capsys, "convert_hf_to_megatron", "--hf-dir", small_hf, "--out",
+                            full_disk / "mcore")
+    assert line.startswith(f"convert_hf_to_megatron: {full_disk / 'mcore.tmp'}")
+    assert "No space left on device" in line
+    tool_main("convert_hf_to_megatron", "--hf-dir", small_hf, "--out", tmp_path / "mcore")
+    line = one_line_failure(capsys, "convert_megatron_to_hf", "--ckpt", tmp_path / "mcore",
+                            "--out", full_disk / "back")
+    assert line == (f"convert_megatron_to_hf: {full_disk / 'back.tmp' / 'model.safetensors'}: "
+                    "No space left on device")
+    assert os.listdir(full_disk) == []

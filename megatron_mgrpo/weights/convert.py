@@ -288,18 +288,25 @@ def export_megatron_to_hf(source: str, out_dir: str, model: str = "policy",
     total = sum(nbytes(s, d) for _, s, d in layout)
     progress = Progress(total, "megatron->hf", log)
     with staged_dir(out_dir, overwrite) as tmp:
-        writers = [StreamingWriter(os.path.join(tmp, f), shard) for f, shard in zip(names, shards)]
-        for name in mg_shapes:
-            vocab = name in ("embedding.word_embeddings.weight", "output_layer.weight")
-            full = reader.read(name, rows=m.vocab_size if vocab else None)
-            for hf_name, t in megatron_to_hf_tensors(name, full, m):
-                t = t.to(hf_dtype[hf_name])
-                writers[shard_of[hf_name]].write(hf_name, t)
-                progress.add(t.numel() * t.element_size())
-            # Both names would keep this tensor alive through the next (maybe largest) read.
-            full = t = None
-        for w in writers:
-            w.close()
+        writers = []
+        try:
+            for f, shard in zip(names, shards):
+                writers.append(StreamingWriter(os.path.join(tmp, f), shard))
+            for name in mg_shapes:
+                vocab = name in ("embedding.word_embeddings.weight", "output_layer.weight")
+                full = reader.read(name, rows=m.vocab_size if vocab else None)
+                for hf_name, t in megatron_to_hf_tensors(name, full, m):
+                    t = t.to(hf_dtype[hf_name])
+                    writers[shard_of[hf_name]].write(hf_name, t)
+                    progress.add(t.numel() * t.element_size())
+                # Both names would keep this tensor alive through the next (maybe largest) read.
+                full = t = None
+            for w in writers:
+                w.close()
+        except BaseException:
+            for w in writers:  # no open file left on the disk being cleaned up
+                w.discard()
+            raise
         # Written for one file too: tools that read the index find every layout the same way.
         write_json(os.path.join(tmp, "model.safetensors.index.json"),
                    {"metadata": {"total_size": total},

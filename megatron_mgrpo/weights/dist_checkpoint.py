@@ -34,6 +34,8 @@ from torch.distributed.checkpoint.metadata import ChunkStorageMetadata
 from torch.distributed.checkpoint.planner import LoadPlan
 from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 
+from megatron_mgrpo.weights.files import ConversionError, write_failure
+
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
 # Local-spec parameter -> the TE-spec name megatron stores it under.
 _KEY_MAP = {"input_layernorm.weight": "self_attention.linear_qkv.layer_norm_weight",
@@ -183,13 +185,26 @@ def write_dist_checkpoint(out_dir: str, shapes: Dict[str, Tuple[int, ...]], num_
     os.makedirs(out_dir, exist_ok=True)
     writer = dcp.FileSystemWriter(out_dir, single_file_per_rank=False, thread_count=1,
                                   sync_files=True)
-    with _single_process():
-        dcp.save({}, storage_writer=writer, planner=LazyPlanner(), no_dist=True)
-    cache.clear()
-    torch.save({}, os.path.join(out_dir, "common.pt"))
-    with open(os.path.join(out_dir, "metadata.json"), "w") as f:
-        json.dump(_MCORE_METADATA, f)
+    try:
+        with _single_process():
+            dcp.save({}, storage_writer=writer, planner=LazyPlanner(), no_dist=True)
+        cache.clear()
+        torch.save({}, os.path.join(out_dir, "common.pt"))
+        with open(os.path.join(out_dir, "metadata.json"), "w") as f:
+            json.dump(_MCORE_METADATA, f)
+    except BaseException as e:
+        raise write_failure(_unwrap(e), out_dir) from None
     return {"tensors": len(shapes), "chunks": len(chunks), "bytes": written["bytes"]}
+
+
+def _unwrap(e: BaseException) -> BaseException:
+    """torch.distributed.checkpoint reports a failure as a CheckpointException (a
+    BaseException) wrapping each rank's exception: the one exception of this process."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    if isinstance(e, CheckpointException) and len(e.failures) == 1:
+        return next(iter(e.failures.values()))[0]
+    return e
 
 
 def stored_tensors(ckpt_dir: str) -> Dict[str, Tuple[Tuple[int, ...], torch.dtype]]:
@@ -238,9 +253,16 @@ class DistCheckpointReader:
         offsets = (0,) * len(inner) if layer is None else (layer,) + (0,) * len(inner)
         sizes = tuple(inner) if layer is None else (1,) + tuple(inner)
         target = torch.empty(sizes, dtype=dtype)
-        with _single_process():
-            dcp.load({}, checkpoint_id=self.ckpt_dir, no_dist=True,
-                     planner=_SlicePlanner(key, offsets, target))
+        try:
+            with _single_process():
+                dcp.load({}, checkpoint_id=self.ckpt_dir, no_dist=True,
+                         planner=_SlicePlanner(key, offsets, target))
+        except BaseException as e:
+            cause = _unwrap(e)
+            if isinstance(cause, (OSError, KeyboardInterrupt)):
+                raise cause from None
+            raise ConversionError(f"{self.ckpt_dir}: cannot read {key} ({type(cause).__name__}: "
+                                  f"{cause}): a damaged checkpoint?") from None
         return target if layer is None else target[0]
 
 

@@ -7,6 +7,7 @@ which imports `push`, which imports `fp8`.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import shutil
@@ -38,6 +39,32 @@ def tool_errors(tool: str, *kinds: type):
         return
     print(f"{tool}: {message}", file=sys.stderr)
     raise SystemExit(2)
+
+
+def write_failure(cause: BaseException, path: str) -> BaseException:
+    """What to raise for a write into `path` that failed with `cause`: an OSError as it is
+    (naming `path` if it names nothing); torch.save's report of a short write (`unexpected pos
+    N vs M`, what a full disk gives) as the OSError it stands for, ENOSPC when the disk holding
+    `path` has (almost) no space left; anything else unchanged."""
+    if isinstance(cause, OSError):
+        if cause.filename is None:
+            cause.filename = path
+        return cause
+    if isinstance(cause, RuntimeError) and "unexpected pos" in str(cause):
+        free = _free_bytes(path)
+        if free is not None and free < 2 ** 20:
+            return OSError(errno.ENOSPC, f"No space left on device ({free} bytes free)", path)
+        return OSError(errno.EIO, f"short write ({cause}; {free} bytes free)", path)
+    return cause
+
+
+def _free_bytes(path: str) -> Optional[int]:
+    while path and not os.path.exists(path):
+        path = os.path.dirname(path)
+    try:
+        return shutil.disk_usage(path or ".").free
+    except OSError:
+        return None
 
 
 def os_error(e: OSError, path: Optional[str] = None) -> str:

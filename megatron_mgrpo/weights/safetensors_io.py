@@ -134,8 +134,16 @@ class StreamingWriter:
         blob = json.dumps(header, separators=(",", ":")).encode()
         blob += b" " * (-len(blob) % 8)
         self._f = open(path, "wb")
-        self._f.write(struct.pack("<Q", len(blob)) + blob)
         self._next = 0
+        self._write(struct.pack("<Q", len(blob)) + blob)
+
+    def _write(self, data) -> None:
+        try:
+            self._f.write(data)
+        except OSError as e:  # a full disk names no file: name it
+            if e.filename is None:
+                e.filename = self.path
+            raise
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         want_name, shape, dtype = self._order[self._next]
@@ -143,12 +151,24 @@ class StreamingWriter:
             raise ValueError(f"{self.path}: expected {want_name} {list(shape)} {dtype}, got "
                              f"{name} {list(tensor.shape)} {tensor.dtype}")
         if tensor.numel():
-            self._f.write(memoryview(tensor.detach().contiguous().reshape(-1)
-                                     .view(torch.uint8).numpy()))
+            self._write(memoryview(tensor.detach().contiguous().reshape(-1)
+                                   .view(torch.uint8).numpy()))
         self._next += 1
 
+    def discard(self) -> None:
+        """Close the file after a failure (no completeness check; the caller removes it)."""
+        try:
+            self._f.close()
+        except OSError:
+            pass
+
     def close(self) -> None:
-        self._f.close()
+        try:
+            self._f.close()  # flushes: a full disk may show only here
+        except OSError as e:
+            if e.filename is None:
+                e.filename = self.path
+            raise
         if self._next != len(self._order):
             raise ValueError(f"{self.path}: {len(self._order) - self._next} declared tensors "
                              "were never written")
