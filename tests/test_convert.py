@@ -502,3 +502,16 @@ def test_a_full_disk_is_one_line_and_leaves_nothing(small_hf, tmp_path, full_dis
     assert line == (f"convert_megatron_to_hf: {full_disk / 'back.tmp' / 'model.safetensors'}: "
                     "No space left on device")
     assert os.listdir(full_disk) == []
+
+
+def test_a_damaged_checkpoint_is_one_line(small_hf, tmp_path, capsys):
+    tool_main("convert_hf_to_megatron", "--hf-dir", small_hf, "--out", tmp_path / "mcore")
+    dist = tmp_path / "mcore" / "dist_checkpoint"
+    victim = max((f for f in os.listdir(dist) if f.endswith(".distcp")),
+                 key=lambda f: os.path.getsize(dist / f))
+    (dist / victim).write_bytes((dist / victim).read_bytes()[:100])
+    line = one_line_failure(capsys, "convert_megatron_to_hf", "--ckpt", tmp_path / "mcore",
+                            "--out", tmp_path / "back")
+    assert line.startswith(f"convert_megatron_to_hf: {dist}: cannot read "), line
+    assert line.endswith("a damaged checkpoint?")
+    assert not (tmp_path / "back").exists() and not (tmp_path / "back.tmp").exists()
