@@ -259,3 +259,259 @@ def test_existing_output_needs_force(converted, tmp_path):
     assert r.returncode == 0, r.stderr
     record = json.loads((tmp_path / "out" / "conversion.json").read_text())
     assert record["dtype"] == "bfloat16" and record["tensors"] > 0
+
+
+# --- dtypes, the index file and one-line errors through the tools' main() --------------------
+
+def tool_main(name, *args):
+    """tools/<name>.py's main(), in this process."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "tools", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main([str(a) for a in args])
+
+
+def one_line_failure(capsys, name, *args):
+    """The tool exits with code 2 and one line `name: ...` on stderr (its last line; progress
+    lines may come before it), no traceback. Returns that line."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        tool_main(name, *args)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    lines = [line for line in err.strip().splitlines() if not line.startswith("[")]
+    assert len(lines) == 1 and lines[0].startswith(f"{name}: ") and "Traceback" not in err, err
+    return lines[0]
+
+
+def safetensors_files(directory):
+    return sorted(f for f in os.listdir(directory) if f.endswith(".safetensors"))
+
+
+def test_default_round_trip_keeps_each_dtype_bitwise_and_writes_the_index(tmp_path, capsys):
+    """No --dtype: fp32 stays fp32 (bitwise), and a mixed source (bf16 weights, fp32 norms)
+    keeps each tensor's dtype; one-file exports carry model.safetensors.index.json."""
+    for case in ("fp32", "mixed"):
+        model = hf_model(ARCHS["qwen2"])
+        if case == "mixed":
+            model = model.to(torch.bfloat16)
+            for name, p in model.named_parameters():
+                if "norm" in name:
+                    p.data = p.data.float()
+        hf, mcore, back = (tmp_path / case / d for d in ("hf", "mcore", "back"))
+        model.save_pretrained(hf)
+        assert safetensors_files(hf) == ["model.safetensors"]
+        src = read_all(hf)
+        src.pop("lm_head.weight", None)  # tied
+        record = tool_main("convert_hf_to_megatron", "--hf-dir", hf, "--out", mcore)
+        main_dtype = "float32" if case == "fp32" else "bfloat16"
+        assert record["dtype_source"] == "kept"
+        assert record["dtype"] == (main_dtype if case == "fp32" else "mixed, mostly bfloat16")
+        assert json.loads((mcore / "config.json").read_text())["torch_dtype"] == main_dtype
+        stats = tool_main("convert_megatron_to_hf", "--ckpt", mcore, "--out", back)
+        assert stats["shards"] == 1 and safetensors_files(back) == ["model.safetensors"]
+        got = read_all(back)
+        assert sorted(got) == sorted(src)
+        for name in src:
+            assert got[name].dtype == src[name].dtype and torch.equal(got[name], src[name]), name
+        assert json.loads((back / "config.json").read_text())["torch_dtype"] == main_dtype
+
+        index = json.loads((back / "model.safetensors.index.json").read_text())
+        assert index["weight_map"] == {n: "model.safetensors" for n in sorted(src)}
+        total = sum(t.numel() * t.element_size() for t in src.values())
+        assert index["metadata"]["total_size"] == total == stats["bytes"]
+        with open(back / "model.safetensors", "rb") as f:  # the data is exactly that size
+            header_len = int.from_bytes(f.read(8), "little")
+        assert os.path.getsize(back / "model.safetensors") == 8 + header_len + total
+        from transformers import AutoModelForCausalLM
+
+        loaded = AutoModelForCausalLM.from_pretrained(back, local_files_only=True,
+                                                      torch_dtype="auto")
+        assert next(loaded.parameters()).dtype == getattr(torch, main_dtype)
+
+
+def test_dtype_flag_casts(tmp_path):
+    model = hf_model(ARCHS["llama"])
+    model.save_pretrained(tmp_path / "hf")
+    src = read_all(tmp_path / "hf")
+    # --dtype bfloat16 on the way in; the export then keeps the stored bf16.
+    record = tool_main("convert_hf_to_megatron", "--hf-dir", tmp_path / "hf", "--out",
+                       tmp_path / "mcore", "--dtype", "bfloat16")
+    assert record["dtype"] == "bfloat16" and record["dtype_source"] == "cast"
+    tool_main("convert_megatron_to_hf", "--ckpt", tmp_path / "mcore", "--out", tmp_path / "back")
+    got = read_all(tmp_path / "back")
+    for name in src:
+        assert got[name].dtype == torch.bfloat16
+        assert torch.equal(got[name], src[name].to(torch.bfloat16)), name
+    # --dtype on the way out: fp32 checkpoint -> bf16 HF directory.
+    tool_main("convert_hf_to_megatron", "--hf-dir", tmp_path / "hf", "--out", tmp_path / "m32")
+    stats = tool_main("convert_megatron_to_hf", "--ckpt", tmp_path / "m32", "--out",
+                      tmp_path / "b16", "--dtype", "bf16")
+    assert stats["dtype"] == "bfloat16"
+    got = read_all(tmp_path / "b16")
+    assert all(torch.equal(got[n], src[n].to(torch.bfloat16)) for n in src)
+
+
+@pytest.fixture
+def small_hf(tmp_path):
+    hf = tmp_path / "hf"
+    hf_model(ARCHS["llama"]).save_pretrained(hf)
+    return hf
+
+
+def test_unwritable_output_is_one_line(small_hf, tmp_path, capsys, monkeypatch):
+    """A read-only output directory (as root, which ignores permissions, the refusal the kernel
+    would give is simulated)."""
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o555)
+    if os.geteuid() == 0:
+        from megatron_mgrpo.weights import files
+
+        real = files.os.makedirs
+
+        def refuse(path, *a, **k):
+            if str(path).startswith(str(ro)):
+                raise PermissionError(13, "Permission denied", str(path))
+            return real(path, *a, **k)
+
+        monkeypatch.setattr(files.os, "makedirs", refuse)
+    try:
+        line = one_line_failure(capsys, "convert_hf_to_megatron", "--hf-dir", small_hf,
+                                "--out", ro / "out")
+        assert line == (f"convert_hf_to_megatron: cannot write the output: {ro / 'out.tmp'}: "
+                        "Permission denied")
+        assert os.listdir(ro) == []
+    finally:
+        ro.chmod(0o755)
+
+
+def test_force_onto_a_regular_file_is_one_line(small_hf, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.write_text("not a model")
+    line = one_line_failure(capsys, "convert_hf_to_megatron", "--hf-dir", small_hf, "--out",
+                            out, "--force")
+    assert line == (f"convert_hf_to_megatron: {str(out)!r} exists and is not a directory; "
+                    "remove it or choose another output path (--force only replaces a "
+                    "directory)")
+    assert out.read_text() == "not a model"
+    assert sorted(os.listdir(tmp_path)) == ["hf", "out"]  # no out.tmp
+
+
+def _rewrite_header(path, change):
+    """Rewrite a safetensors file's JSON header through `change(header)`, data untouched."""
+    raw = path.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8:8 + n])
+    change(header)
+    blob = json.dumps(header).encode()
+    blob += b" " * (-len(blob) % 8)
+    path.write_bytes(len(blob).to_bytes(8, "little") + blob + raw[8 + n:])
+
+
+@pytest.mark.parametrize("how,message", [
+    ("shape", r"tensor 'model\.norm\.weight': its byte range \[\d+, \d+\] holds \d+ bytes, but "
+              r"shape \[65\] in F32 needs 260: a corrupt or lying header"),
+    ("overlap", r"starts at byte \d+ of the data, expected \d+ \(overlap between tensors\)"),
+    ("truncated", r"truncated \(\d+ bytes, the header needs \d+\)"),
+])
+def test_a_lying_or_truncated_safetensors_file_is_one_line(small_hf, tmp_path, capsys, how,
+                                                           message):
+    import re
+
+    path = small_hf / "model.safetensors"
+    if how == "shape":
+        _rewrite_header(path, lambda h: h["model.norm.weight"].update(shape=[65]))
+    elif how == "overlap":
+        def shift(h):
+            begin, end = h["model.norm.weight"]["data_offsets"]
+            h["model.norm.weight"]["data_offsets"] = [begin - 4, end - 4] if begin else [4, end + 4]
+        _rewrite_header(path, shift)
+    else:
+        raw = path.read_bytes()
+        path.write_bytes(raw[:-100])
+    out = tmp_path / "out"
+    for tool, flag in (("convert_hf_to_megatron", "--hf-dir"), ("quantize_fp8", "--src")):
+        line = one_line_failure(capsys, tool, flag, small_hf, "--out", out)
+        assert str(path) in line and re.search(message, line), line
+        assert not out.exists() and not (tmp_path / "out.tmp").exists()
+
+
+def test_missing_input_is_one_line(tmp_path, capsys):
+    nope = tmp_path / "nope"
+    for tool, flag in (("convert_hf_to_megatron", "--hf-dir"), ("convert_megatron_to_hf", "--ckpt"),
+                       ("quantize_fp8", "--src")):
+        line = one_line_failure(capsys, tool, flag, nope, "--out", tmp_path / "out")
+        assert line.startswith(f"{tool}: {str(nope)!r}: no such directory"), line
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_failed_force_leaves_the_old_output_whole(small_hf, tmp_path, capsys, monkeypatch):
+    """A read error midway through a --force conversion: the old output stays as it was, and
+    nothing else is left beside it."""
+    from megatron_mgrpo.weights import hf_io
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("old")
+    real = hf_io.HFCheckpoint.__getitem__
+    calls = {"n": 0}
+
+    def flaky(self, name):
+        calls["n"] += 1
+        if calls["n"] > 3:
+            raise OSError("disk went away")
+        return real(self, name)
+
+    monkeypatch.setattr(hf_io.HFCheckpoint, "__getitem__", flaky)
+    line = one_line_failure(capsys, "convert_hf_to_megatron", "--hf-dir", small_hf, "--out", out,
+                            "--force")
+    assert line == "convert_hf_to_megatron: disk went away"
+    assert os.listdir(out) == ["keep.txt"] and sorted(os.listdir(tmp_path)) == ["hf", "out"]
+
+
+@pytest.fixture
+def full_disk(tmp_path):
+    """A 64 KiB tmpfs (root with mount rights only; skipped elsewhere)."""
+    mount = tmp_path / "full"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount)],
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here ({done.stderr.strip()})")
+    try:
+        yield mount
+    finally:
+        busy = subprocess.run(["umount", str(mount)], capture_output=True, text=True)
+        if busy.returncode != 0:  # a file left open there: detach it anyway, and say so
+            subprocess.run(["umount", "-l", str(mount)], check=True)
+            pytest.fail(f"a file was left open on the full disk ({busy.stderr.strip()})")
+
+
+def test_a_full_disk_is_one_line_and_leaves_nothing(small_hf, tmp_path, full_disk, capsys):
+    """torch.save reports a full disk as `unexpected pos N vs M`: the tools say what it is."""
+    line = one_line_failure(capsys, "convert_hf_to_megatron", "--hf-dir", small_hf, "--out",
+                            full_disk / "mcore")
+    assert line.startswith(f"convert_hf_to_megatron: {full_disk / 'mcore.tmp'}")
+    assert "No space left on device" in line
+    tool_main("convert_hf_to_megatron", "--hf-dir", small_hf, "--out", tmp_path / "mcore")
+    line = one_line_failure(capsys, "convert_megatron_to_hf", "--ckpt", tmp_path / "mcore",
+                            "--out", full_disk / "back")
+    assert line == (f"convert_megatron_to_hf: {full_disk / 'back.tmp' / 'model.safetensors'}: "
+                    "No space left on device")
+    assert os.listdir(full_disk) == []
+
+
+def test_a_damaged_checkpoint_is_one_line(small_hf, tmp_path, capsys):
+    tool_main("convert_hf_to_megatron", "--hf-dir", small_hf, "--out", tmp_path / "mcore")
+    dist = tmp_path / "mcore" / "dist_checkpoint"
+    victim = max((f for f in os.listdir(dist) if f.endswith(".distcp")),
+                 key=lambda f: os.path.getsize(dist / f))
+    (dist / victim).write_bytes((dist / victim).read_bytes()[:100])
+    line = one_line_failure(capsys, "convert_megatron_to_hf", "--ckpt", tmp_path / "mcore",
+                            "--out", tmp_path / "back")
+    assert line.startswith(f"convert_megatron_to_hf: {dist}: cannot read "), line
+    assert line.endswith("a damaged checkpoint?")
+    assert not (tmp_path / "back").exists() and not (tmp_path / "back.tmp").exists()

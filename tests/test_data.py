@@ -205,6 +205,86 @@ def test_parquet_through_datasets(tmp_path):
     assert dict(ps.skipped) == {"missing prompt": 1, "empty prompt": 1}
 
 
+def test_only_newline_ends_a_jsonl_row(tmp_path, capsys):
+    """U+2028, U+2029, U+0085, \\x0b, \\x0c and \\x1c-\\x1e are line breaks to str.splitlines,
+    not to JSON lines: a prompt holding them is one row, kept intact; \\r\\n endings are fine."""
+    odd = "Q: a\u2028b\u2029c\u0085d A:"
+    rows = [{"prompt": odd, "answer": "1"}, {"prompt": "Q: two A:", "answer": "2"}]
+    path = tmp_path / "odd.jsonl"
+    path.write_bytes(b"".join(json.dumps(r, ensure_ascii=False).encode() + b"\r\n"
+                              for r in rows))
+    assert "\u2028".encode() in path.read_bytes()  # written raw, not escaped
+    ps = load_prompts(str(path))
+    assert ps.prompts == [odd, "Q: two A:"] and ps.num_rows == 2 and not ps.skipped
+    assert capsys.readouterr().out.strip() == "odd.jsonl: 2 rows, 0 skipped"
+    # A raw control character inside a string is not JSON: one malformed row, not two rows.
+    path.write_bytes(b'{"prompt": "Q: a\x0cb A:", "answer": "1"}\n'
+                     + json.dumps(rows[1]).encode() + b"\n")
+    ps = load_prompts(str(path), log=None)
+    assert ps.num_rows == 2 and dict(ps.skipped) == {"malformed json": 1}
+
+
+def test_text_is_strict_utf8_with_the_line_named(tmp_path):
+    good = json.dumps({"prompt": "Q: caf\u00e9? A:", "answer": "1"}, ensure_ascii=False)
+    latin1 = tmp_path / "latin1.jsonl"
+    latin1.write_bytes((good + "\n" + good + "\n").encode("utf-8")
+                       + '{"prompt": "Q: na\u00efve? A:", "answer": "2"}\n'.encode("latin-1"))
+    with pytest.raises(DataError) as e:
+        load_prompts(str(latin1), log=None)
+    message = str(e.value)
+    assert "\n" not in message and message.startswith(f"{latin1}: line 3: not UTF-8 (byte 0xef")
+    assert "re-encode the file as UTF-8" in message
+    # The same in a JSON array and in a CSV file (which datasets would read through pandas).
+    array = tmp_path / "a.json"
+    array.write_bytes(b'[\n{"prompt": "Q: na\xefve? A:", "answer": "2"}\n]\n')
+    with pytest.raises(DataError, match=r"a\.json: line 2: not UTF-8"):
+        load_prompts(str(array), log=None)
+    csv = tmp_path / "g.csv"
+    csv.write_bytes(b"prompt,answer\nQ: one A:,1\nQ: na\xefve A:,2\n")
+    with pytest.raises(DataError, match=r"g\.csv: line 3: not UTF-8"):
+        load_prompts(str(csv), log=None)
+    # UTF-8 with a byte-order mark is UTF-8.
+    bom = tmp_path / "bom.jsonl"
+    bom.write_bytes(b"\xef\xbb\xbf" + good.encode() + b"\n")
+    assert load_prompts(str(bom), log=None).prompts == ["Q: caf\u00e9? A:"]
+
+
+def test_unreadable_files_are_one_line_errors(tmp_path):
+    corrupt = tmp_path / "train.parquet"
+    corrupt.write_bytes(b"PAR1 this is not parquet")
+    with pytest.raises(DataError, match=r"train\.parquet: cannot read as parquet") as e:
+        load_prompts(str(corrupt), log=None)
+    assert "\n" not in str(e.value)
+    with pytest.raises(DataError, match="is a directory"):
+        load_prompts(str(tmp_path), log=None)
+    if os.geteuid() == 0:
+        pytest.skip("root reads files whatever their permissions")
+    locked = tmp_path / "locked.jsonl"
+    locked.write_text(json.dumps({"prompt": "Q: A:", "answer": "1"}) + "\n")
+    locked.chmod(0)
+    with pytest.raises(DataError, match=r"locked\.jsonl: not readable"):
+        load_prompts(str(locked), log=None)
+
+
+def test_validation_prompts_report_their_skips_through_the_session(sp_tokenizer, tmp_path):
+    """The validator hands the loader's summary to `session.say` (what the user sees)."""
+    from types import SimpleNamespace
+
+    from megatron_mgrpo.evaluation.periodic import Validator
+
+    path = _write_lines(tmp_path / "val.jsonl", [
+        json.dumps({"prompt": "Q: 1+1? A:", "answer": "2"}), "not json",
+        json.dumps({"answer": "3"})])
+    said = []
+    session = SimpleNamespace(
+        cfg=SimpleNamespace(data=SimpleNamespace(val_path=path, prompt_key="prompt",
+                                                 answer_key="answer", max_prompt_length=64),
+                            training=SimpleNamespace(max_eval_prompts=0)),
+        tokenizer=sp_tokenizer, say=said.append)
+    assert len(Validator(session, interval=1).rows) == 1
+    assert said == ["val.jsonl: 3 rows, 2 skipped (1 malformed json, 1 missing prompt)"]
+
+
 # --- the sampler ----------------------------------------------------------------------------
 
 def _prompt_set(tmp_path, n):

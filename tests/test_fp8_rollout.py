@@ -154,11 +154,11 @@ def test_fp8_checkpoint_written_and_served(model_dir, tmp_path):
     again = subprocess.run([sys.executable, "tools/quantize_fp8.py", "--src", out, "--out",
                             str(tmp_path / "fp8b")], capture_output=True, text=True, cwd=ROOT,
                            timeout=300)
-    assert again.returncode == 1 and "already an FP8 checkpoint" in again.stderr
+    assert again.returncode == 2 and "already an FP8 checkpoint" in again.stderr
     assert "Traceback" not in again.stderr
     exists = subprocess.run([sys.executable, "tools/quantize_fp8.py", "--src", model_dir,
                              "--out", out], capture_output=True, text=True, cwd=ROOT, timeout=300)
-    assert exists.returncode == 1 and "pass --force" in exists.stderr
+    assert exists.returncode == 2 and "pass --force" in exists.stderr
 
 
 def _fp8_buckets(named, block, per_bucket):

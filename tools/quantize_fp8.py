@@ -22,8 +22,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 def main(argv=None) -> dict:
     from megatron_mgrpo.config import ConfigError
-    from megatron_mgrpo.weights.files import ConversionError
+    from megatron_mgrpo.weights.files import tool_errors
     from megatron_mgrpo.weights.fp8 import quantize_hf_dir
+    from megatron_mgrpo.weights.safetensors_io import SafetensorsError
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--src", required=True, help="HF model directory (bf16/fp16/fp32)")
@@ -35,11 +36,9 @@ def main(argv=None) -> dict:
     if args.block_size < 0:
         p.error(f"--block-size: got {args.block_size}; accepted: an integer >= 0")
     t0 = time.time()
-    try:
+    with tool_errors("quantize_fp8", ConfigError, SafetensorsError):
         stats = quantize_hf_dir(args.src, args.out, args.block_size, overwrite=args.force,
                                 log=lambda line: print(line, file=sys.stderr))
-    except (ConversionError, ConfigError) as e:
-        raise SystemExit(f"quantize_fp8: {e}")
     print(f"{args.src} -> {args.out}: {stats['quantized']} of {stats['tensors']} tensors in "
           f"FP8, {stats['bytes'] / 2 ** 20:.1f} MiB, {time.time() - t0:.1f}s")
     return stats

@@ -10,7 +10,10 @@ How files are read (offline, nothing is downloaded):
 
 - `.jsonl` (also `.json` holding JSON lines) is read line by line here, one `json.loads` per line,
   not through `datasets`: its json loader fails on the first malformed line as a whole, and we
-  want to skip and count bad lines instead. Blank lines are ignored (not rows).
+  want to skip and count bad lines instead. Blank lines are ignored (not rows). Only "\n" ends
+  a row (U+2028, U+0085 and the like may sit inside a valid row's strings).
+- Text files are read as strict UTF-8 (a leading BOM is allowed): a file in another encoding
+  is a `DataError` naming the line where decoding fails, never silently altered.
 - `.json` holding one JSON array of objects is read with `json.load`.
 - `.parquet` goes through `datasets.load_dataset("parquet", data_files=..., split="train")`,
   `.csv` (GPQA's release format) likewise through its "csv" loader.
@@ -22,7 +25,8 @@ max_prompt_length=128)`. Reasons: `malformed json` (not JSON, or not an object),
 <answer_key>`, `non-string <answer_key>` (ints and floats are accepted and turned into strings:
 math datasets often store numeric answers), `over max_prompt_length=N` (more than N tokens after
 `encode_prompt`). A missing file, an unknown extension or no usable row raises `DataError`
-naming the file and what to do.
+naming the file and what to do; so does a file that cannot be read (permissions, a corrupt
+parquet file, ...).
 """
 
 from __future__ import annotations
@@ -107,13 +111,16 @@ def read_rows(path: str) -> Tuple[List[Optional[Dict[str, Any]]], str]:
                         "runs/tiny_base` writes the tiny demo's)")
     if os.path.isdir(path):
         raise DataError(f"{path}: is a directory; give a .jsonl or .parquet file")
+    if not os.access(path, os.R_OK):
+        raise DataError(f"{path}: not readable (permission denied)")
     lower = path.lower()
     if lower.endswith((".parquet", ".csv")):
         kind = "parquet" if lower.endswith(".parquet") else "csv"
+        if kind == "csv":
+            _read_text(path)  # strict UTF-8, the failing line named (not pandas' byte offset)
         return _read_with_datasets(path, kind), kind
     if lower.endswith((".jsonl", ".json")):
-        with open(path, encoding="utf-8", errors="replace") as f:
-            text = f.read()
+        text = _read_text(path)
         if lower.endswith(".json") and text.lstrip().startswith("["):
             try:
                 data = json.loads(text)
@@ -122,7 +129,9 @@ def read_rows(path: str) -> Tuple[List[Optional[Dict[str, Any]]], str]:
                                 "JSON lines (.jsonl), where bad lines are skipped") from None
             return [r if isinstance(r, dict) else None for r in data], "json"
         rows: List[Optional[Dict[str, Any]]] = []
-        for line in text.splitlines():
+        # Only "\n" ends a row (JSON lines): str.splitlines would also split on U+2028,
+        # U+2029, U+0085, \x0b, \x0c and \x1c-\x1e, which may sit inside a valid row.
+        for line in text.split("\n"):
             if not line.strip():
                 continue
             try:
@@ -132,6 +141,24 @@ def read_rows(path: str) -> Tuple[List[Optional[Dict[str, Any]]], str]:
             rows.append(row if isinstance(row, dict) else None)
         return rows, "jsonl"
     raise DataError(f"{path}: unknown file type; accepted: .jsonl, .json, .parquet, .csv")
+
+
+def _read_text(path: str) -> str:
+    """The file as strict UTF-8 (a leading BOM is dropped); DataError naming the line where
+    decoding fails, never a silently altered prompt."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except OSError as e:
+        raise DataError(f"{path}: cannot read ({e.strerror or e})") from None
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        column = e.start - (raw.rfind(b"\n", 0, e.start) + 1) + 1
+        raise DataError(f"{path}: line {line}: not UTF-8 (byte 0x{raw[e.start]:02x} at column "
+                        f"{column}); re-encode the file as UTF-8 (e.g. `iconv -f latin1 -t "
+                        "utf-8`)") from None
 
 
 def _read_with_datasets(path: str, kind: str) -> List[Dict[str, Any]]:

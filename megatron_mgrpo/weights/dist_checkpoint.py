@@ -26,13 +26,15 @@ import os
 import re
 import warnings
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.metadata import ChunkStorageMetadata
 from torch.distributed.checkpoint.planner import LoadPlan
 from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
+
+from megatron_mgrpo.weights.files import ConversionError, write_failure
 
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
 # Local-spec parameter -> the TE-spec name megatron stores it under.
@@ -127,11 +129,13 @@ def _plan(shapes: Dict[str, Tuple[int, ...]], num_layers: int, tp: int, prefix: 
 
 
 def write_dist_checkpoint(out_dir: str, shapes: Dict[str, Tuple[int, ...]], num_layers: int,
-                          load: Callable[[str], torch.Tensor], dtype: torch.dtype, tp: int = 1,
+                          load: Callable[[str], torch.Tensor],
+                          dtype: Union[torch.dtype, Dict[str, torch.dtype]], tp: int = 1,
                           prefix: str = "", progress: Optional[Callable[[str], None]] = None
                           ) -> Dict[str, int]:
     """Write full tensors (`load(name)` for each name of `shapes`, asked for once per chunk, in
-    order) as a megatron-core dist checkpoint in `out_dir`, chunked as saved at `tp`.
+    order) as a megatron-core dist checkpoint in `out_dir`, chunked as saved at `tp`, in `dtype`
+    (one for all, or name -> dtype).
 
     Runs in one process without torch.distributed. Returns {"tensors", "chunks", "bytes"}.
     """
@@ -142,6 +146,7 @@ def write_dist_checkpoint(out_dir: str, shapes: Dict[str, Tuple[int, ...]], num_
     from torch.distributed.checkpoint.planner import (SavePlan, TensorWriteData, WriteItem,
                                                       WriteItemType)
 
+    dtypes = dtype if isinstance(dtype, dict) else {name: dtype for name in shapes}
     chunks = _plan(shapes, num_layers, tp, prefix)
     by_index = {(c.key, c.offsets): c for c in chunks}
     cache: Dict[str, torch.Tensor] = {}
@@ -155,7 +160,7 @@ def write_dist_checkpoint(out_dir: str, shapes: Dict[str, Tuple[int, ...]], num_
                           tensor_data=TensorWriteData(
                               chunk=ChunkStorageMetadata(torch.Size(c.offsets),
                                                          torch.Size(c.sizes)),
-                              properties=TensorProperties(dtype=dtype),
+                              properties=TensorProperties(dtype=dtypes[c.name]),
                               size=torch.Size(c.global_shape)))
                 for c in chunks], planner_data={})
             return self.plan
@@ -173,20 +178,33 @@ def write_dist_checkpoint(out_dir: str, shapes: Dict[str, Tuple[int, ...]], num_
             for d, (o, s) in enumerate(zip(c.offsets[lead:], c.sizes[lead:])):
                 local = local.narrow(d, o, s)
             # A fresh tensor: torch.save of a view would write the whole storage.
-            out = torch.empty(local.shape, dtype=dtype).copy_(local).reshape(c.sizes)
+            out = torch.empty(local.shape, dtype=dtypes[c.name]).copy_(local).reshape(c.sizes)
             written["bytes"] += out.numel() * out.element_size()
             return out
 
     os.makedirs(out_dir, exist_ok=True)
     writer = dcp.FileSystemWriter(out_dir, single_file_per_rank=False, thread_count=1,
                                   sync_files=True)
-    with _single_process():
-        dcp.save({}, storage_writer=writer, planner=LazyPlanner(), no_dist=True)
-    cache.clear()
-    torch.save({}, os.path.join(out_dir, "common.pt"))
-    with open(os.path.join(out_dir, "metadata.json"), "w") as f:
-        json.dump(_MCORE_METADATA, f)
+    try:
+        with _single_process():
+            dcp.save({}, storage_writer=writer, planner=LazyPlanner(), no_dist=True)
+        cache.clear()
+        torch.save({}, os.path.join(out_dir, "common.pt"))
+        with open(os.path.join(out_dir, "metadata.json"), "w") as f:
+            json.dump(_MCORE_METADATA, f)
+    except BaseException as e:
+        raise write_failure(_unwrap(e), out_dir) from None
     return {"tensors": len(shapes), "chunks": len(chunks), "bytes": written["bytes"]}
+
+
+def _unwrap(e: BaseException) -> BaseException:
+    """torch.distributed.checkpoint reports a failure as a CheckpointException (a
+    BaseException) wrapping each rank's exception: the one exception of this process."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    if isinstance(e, CheckpointException) and len(e.failures) == 1:
+        return next(iter(e.failures.values()))[0]
+    return e
 
 
 def stored_tensors(ckpt_dir: str) -> Dict[str, Tuple[Tuple[int, ...], torch.dtype]]:
@@ -235,9 +253,16 @@ class DistCheckpointReader:
         offsets = (0,) * len(inner) if layer is None else (layer,) + (0,) * len(inner)
         sizes = tuple(inner) if layer is None else (1,) + tuple(inner)
         target = torch.empty(sizes, dtype=dtype)
-        with _single_process():
-            dcp.load({}, checkpoint_id=self.ckpt_dir, no_dist=True,
-                     planner=_SlicePlanner(key, offsets, target))
+        try:
+            with _single_process():
+                dcp.load({}, checkpoint_id=self.ckpt_dir, no_dist=True,
+                         planner=_SlicePlanner(key, offsets, target))
+        except BaseException as e:
+            cause = _unwrap(e)
+            if isinstance(cause, (OSError, KeyboardInterrupt)):
+                raise cause from None
+            raise ConversionError(f"{self.ckpt_dir}: cannot read {key} ({type(cause).__name__}: "
+                                  f"{cause}): a damaged checkpoint?") from None
         return target if layer is None else target[0]
 
 

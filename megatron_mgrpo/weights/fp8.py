@@ -171,6 +171,9 @@ def quantize_hf_dir(src: str, dst: str, block_size: int = 128, overwrite: bool =
     from megatron_mgrpo.weights.safetensors_io import (DTYPES, StreamingWriter, read_header,
                                                        read_tensor)
 
+    if not os.path.isdir(src):
+        what = "not a directory" if os.path.exists(src) else "no such directory"
+        raise ConversionError(f"{src!r}: {what} (give an HF model directory)")
     files = sorted(glob.glob(os.path.join(src, "*.safetensors")))
     if not files:
         raise ConversionError(f"{src!r}: no *.safetensors files")
@@ -196,16 +199,20 @@ def quantize_hf_dir(src: str, dst: str, block_size: int = 128, overwrite: bool =
                     layout.append((name, e["shape"], torch.bfloat16))
             base = os.path.basename(file)
             writer = StreamingWriter(os.path.join(tmp, base), layout)
-            with open(file, "rb") as f:
-                for group in quantize_stream(((n, read_tensor(f, e, start)) for n, e in entries),
-                                             block_size):
-                    for n, t in group:
-                        writer.write(n, t)
-                        weight_map[n] = base
-                        stats["bytes"] += t.numel() * t.element_size()
-                    stats["tensors"] += 1
-                    stats["quantized"] += len(group) == 2
-            writer.close()
+            try:
+                with open(file, "rb") as f:
+                    for group in quantize_stream(((n, read_tensor(f, e, start))
+                                                  for n, e in entries), block_size):
+                        for n, t in group:
+                            writer.write(n, t)
+                            weight_map[n] = base
+                            stats["bytes"] += t.numel() * t.element_size()
+                        stats["tensors"] += 1
+                        stats["quantized"] += len(group) == 2
+                writer.close()
+            except BaseException:
+                writer.discard()
+                raise
             log(f"[fp8] {base}: {len(entries)} tensors")
         if len(files) > 1 or os.path.isfile(os.path.join(src, "model.safetensors.index.json")):
             write_json(os.path.join(tmp, "model.safetensors.index.json"),
