@@ -104,9 +104,11 @@ def generate_response(completions: Sequence[Completion], weight_version: str,
 
 # ---- weight updates -------------------------------------------------------------------------
 
-def tensor_update_request(payload: str, tp_size: int, weight_version: str) -> Dict[str, Any]:
-    """`/update_weights_from_tensor` (SGLang `UpdateWeightsFromTensorReqInput`)."""
-    return {"serialized_named_tensors": [payload] * tp_size, "load_format": None,
+def tensor_update_request(payload: str, tp_size: int, weight_version: str,
+                          load_format: Optional[str] = None) -> Dict[str, Any]:
+    """`/update_weights_from_tensor` (SGLang `UpdateWeightsFromTensorReqInput`); load_format
+    "flattened_bucket" for a `serialize_flattened_bucket` payload."""
+    return {"serialized_named_tensors": [payload] * tp_size, "load_format": load_format,
             "flush_cache": False, "weight_version": weight_version}
 
 
