@@ -53,8 +53,13 @@ def sampling_dict(params: SamplingParams, seed: Optional[int]) -> Dict[str, Any]
         "temperature": float(params.temperature), "top_p": float(params.top_p),
         "max_new_tokens": int(params.max_new_tokens),
         "stop_token_ids": [int(t) for t in params.stop_token_ids], "n": 1,
-        # Keep the stop token in the output, as the engine interface promises.
-        "no_stop_trim": True, "skip_special_tokens": False}
+        # Keep the stop token in the output, as the engine interface promises; and stop on
+        # the caller's stop tokens only (it includes the EOS id), not on the model's own EOS.
+        "no_stop_trim": True, "skip_special_tokens": False, "ignore_eos": True}
+    if params.top_k != -1:
+        out["top_k"] = int(params.top_k)
+    if params.min_new_tokens:
+        out["min_new_tokens"] = int(params.min_new_tokens)
     if seed is not None:
         out["sampling_seed"] = int(seed)
     return out
@@ -257,14 +262,16 @@ def flatten_bucket(named: Sequence[Tuple[str, torch.Tensor]], shared: bool = Tru
     return {"flattened_tensor": flat, "metadata": meta}
 
 
-def serialize_flattened_bucket(named: Sequence[Tuple[str, torch.Tensor]]) -> str:
-    """`serialized_named_tensors[rank]` of a `load_format: "flattened_bucket"` update: what
-    slime sends (`MultiprocessingSerializer.serialize({"flattened_tensor", "metadata"})`)."""
+def serialize_flattened_bucket(bucket: Dict[str, Any]) -> str:
+    """`serialized_named_tensors[rank]` of a `load_format: "flattened_bucket"` update, from
+    `flatten_bucket`'s result: what slime sends
+    (`MultiprocessingSerializer.serialize({"flattened_tensor", "metadata"})`). The caller
+    keeps `bucket` alive until the servers have copied it (its memory is named, not sent)."""
     import torch.multiprocessing as tmp
 
     buf = io.BytesIO()
     with _sharing_strategy(tmp, "file_system"):
-        _WirePickler(buf).dump(flatten_bucket(named))
+        _WirePickler(buf).dump(bucket)
     return base64.b64encode(buf.getvalue()).decode("ascii")
 
 

@@ -121,8 +121,11 @@ class TensorTransport(Transport):
         for bucket in source:
             if not bucket:
                 continue
-            payload = (protocol.serialize_flattened_bucket(bucket) if self.flattened
-                       else protocol.serialize_named_tensors(bucket))  # once for all servers
+            if self.flattened:  # `flat` holds the shared memory until every server copied it
+                flat = protocol.flatten_bucket(bucket)
+                payload = protocol.serialize_flattened_bucket(flat)
+            else:
+                payload = protocol.serialize_named_tensors(bucket)  # once for all servers
             _each(servers, lambda s: s.call("/update_weights_from_tensor",
                                             protocol.tensor_update_request(
                                                 payload, s.tp_size, partial, fmt),
