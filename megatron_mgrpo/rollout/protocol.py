@@ -238,6 +238,9 @@ class WireMetadata(_Fields):
 class LocalSerializedTensor(_Fields):
     """verl's wrapper: `values[rank]` is that TP rank's own serialized tensor."""
 
+    def __init__(self, values: Sequence[bytes] = ()):
+        self.values = list(values)
+
 
 def flatten_bucket(named: Sequence[Tuple[str, torch.Tensor]], shared: bool = True
                    ) -> Dict[str, Any]:
@@ -267,12 +270,7 @@ def serialize_flattened_bucket(bucket: Dict[str, Any]) -> str:
     `flatten_bucket`'s result: what slime sends
     (`MultiprocessingSerializer.serialize({"flattened_tensor", "metadata"})`). The caller
     keeps `bucket` alive until the servers have copied it (its memory is named, not sent)."""
-    import torch.multiprocessing as tmp
-
-    buf = io.BytesIO()
-    with _sharing_strategy(tmp, "file_system"):
-        _WirePickler(buf).dump(bucket)
-    return base64.b64encode(buf.getvalue()).decode("ascii")
+    return base64.b64encode(dumps_for_sglang(bucket)).decode("ascii")
 
 
 class _WirePickler(pickle._Pickler):  # the Python pickler: save_global can be overridden
@@ -289,13 +287,26 @@ class _WirePickler(pickle._Pickler):  # the Python pickler: save_global can be o
         self.dispatch_table.update(ForkingPickler._extra_reducers)
 
     def save_global(self, obj, name=None):
-        if obj is WireMetadata:
-            self.save(SGLANG_METADATA[0])
-            self.save(SGLANG_METADATA[1])
-            self.write(pickle.STACK_GLOBAL)
-            self.memoize(obj)
-            return
-        super().save_global(obj, name)
+        wire = {WireMetadata: SGLANG_METADATA, LocalSerializedTensor: SGLANG_LOCAL_TENSOR[0]
+                }.get(obj)
+        if wire is None:
+            return super().save_global(obj, name)
+        self.save(wire[0])
+        self.save(wire[1])
+        self.write(pickle.STACK_GLOBAL)
+        self.memoize(obj)
+
+
+def dumps_for_sglang(obj) -> bytes:
+    """A pickle as SGLang's `MultiprocessingSerializer` writes it (CPU tensors as shared
+    memory named by file), with our `WireMetadata` and `LocalSerializedTensor` written under
+    SGLang's class names. The caller keeps the tensors alive until read."""
+    import torch.multiprocessing as tmp
+
+    buf = io.BytesIO()
+    with _sharing_strategy(tmp, "file_system"):
+        _WirePickler(buf).dump(obj)
+    return buf.getvalue()
 
 
 class TensorUnpickler(pickle.Unpickler):
