@@ -12,7 +12,6 @@ requests run; malformed bodies are 400 (never 500); `/update_weight_version {}` 
 """
 
 import base64
-import io
 import json
 import os
 import pickle

@@ -37,19 +37,19 @@ from __future__ import annotations
 import glob
 import json
 import os
-import select
 import socket
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from typing import Any, Callable, Dict, Optional, Tuple
-from urllib.parse import parse_qs
 
 import torch
 
 from megatron_mgrpo.rollout import protocol
 from megatron_mgrpo.rollout.base import SamplingParams, WeightUpdateError
 from megatron_mgrpo.rollout.embedded import EmbeddedEngine
+from megatron_mgrpo.rollout.server_http import (Reply, body_field, disconnected, handler,
+                                               json_object)
 from megatron_mgrpo.rollout.server_requests import (Invalid, Refused, apply_stop_strings,
                                                     parse_generate, reply_item)
 
@@ -57,14 +57,6 @@ MODEL = "policy"  # the engine's one weight set
 SGLANG_VERSION = "0.5.23"
 """The SGLang whose HTTP contract this server follows (reported in /server_info)."""
 MEMORY_TAGS = ("weights", "kv_cache", "cuda_graph")
-
-
-class Reply(Exception):
-    """Answer with this status and body (JSON, or text when `text`)."""
-
-    def __init__(self, status: int, body: Any, text: bool = False):
-        super().__init__(str(body))
-        self.status, self.body, self.text = status, body, text
 
 
 def _fail(message: str) -> Reply:
@@ -96,7 +88,7 @@ class EmbeddedServer:
         self._released: set = set()
         self._partial_names: Optional[set] = None
         self._groups: Dict[str, Any] = {}
-        self._http = ThreadingHTTPServer((host, port), _handler(self))
+        self._http = ThreadingHTTPServer((host, port), handler(self.routes()))
         self._http.daemon_threads = True
         self._thread: Optional[threading.Thread] = None
 
@@ -188,7 +180,7 @@ class EmbeddedServer:
 
         def should_stop() -> bool:
             self._progress = time.monotonic()
-            if not cancel.is_set() and conn is not None and _disconnected(conn):
+            if not cancel.is_set() and conn is not None and disconnected(conn):
                 cancel.set()  # the client went away: stop working for it
             return cancel.is_set()
 
@@ -241,9 +233,9 @@ class EmbeddedServer:
                 ev.set()
 
     def abort_request(self, body, handler) -> Reply:
-        body = _object(body)
-        rid = _field(body, "rid", (str,), None)
-        abort_all = _field(body, "abort_all", (bool,), False)
+        body = json_object(body)
+        rid = body_field(body, "rid", (str,), None)
+        abort_all = body_field(body, "abort_all", (bool,), False)
         with self._state:
             for r, ev in self._running.items():
                 if abort_all or r == rid:
@@ -260,8 +252,8 @@ class EmbeddedServer:
                      "be performed.)\n", text=True)
 
     def pause(self, body, handler) -> dict:
-        body = _object(body)
-        mode = _field(body, "mode", (str,), "abort")
+        body = json_object(body)
+        mode = body_field(body, "mode", (str,), "abort")
         if mode not in ("abort", "retract", "in_place"):
             raise Invalid(f"mode: expected abort | retract | in_place, got {mode!r}")
         self._resumed.clear()
@@ -272,15 +264,15 @@ class EmbeddedServer:
         return {"message": "Generation paused successfully.", "status": "ok"}
 
     def resume(self, body, handler) -> dict:
-        _object(body)
+        json_object(body)
         self._resumed.set()
         return {"message": "Generation continued successfully.", "status": "ok"}
 
     # ---- memory -----------------------------------------------------------------------------
 
     def _tags(self, body) -> list:
-        body = _object(body)
-        tags = _field(body, "tags", (list,), None) or list(MEMORY_TAGS)
+        body = json_object(body)
+        tags = body_field(body, "tags", (list,), None) or list(MEMORY_TAGS)
         if not all(t in MEMORY_TAGS for t in tags):
             raise Invalid(f"tags: expected a list of {' | '.join(MEMORY_TAGS)}, got {tags!r}")
         return tags
@@ -310,7 +302,7 @@ class EmbeddedServer:
     # ---- weights ----------------------------------------------------------------------------
 
     def begin_session(self, body, handler) -> dict:
-        _object(body)
+        json_object(body)
         with self._lock:
             if self._session:
                 raise _fail("a weight-update session is already open; call "
@@ -319,7 +311,7 @@ class EmbeddedServer:
         return {"success": True, "message": "Success"}
 
     def end_session(self, body, handler) -> dict:
-        _object(body)
+        json_object(body)
         with self._lock:
             if not self._session:
                 raise _fail("no weight-update session is open; call begin_weight_update() "
@@ -359,21 +351,21 @@ class EmbeddedServer:
             f" Weight version updated to {version}." if version is not None else "")}
 
     def _update_body(self, body, required: Dict[str, tuple]) -> dict:
-        body = _object(body)
+        body = json_object(body)
         for key, kinds in required.items():
             if key not in body:
                 raise Invalid(f"{key}: field required")
-            _field(body, key, kinds, None)
-        _field(body, "weight_version", (str,), None)
-        _field(body, "flush_cache", (bool,), True)
-        if _field(body, "abort_all_requests", (bool,), False):
+            body_field(body, key, kinds, None)
+        body_field(body, "weight_version", (str,), None)
+        body_field(body, "flush_cache", (bool,), True)
+        if body_field(body, "abort_all_requests", (bool,), False):
             self.abort_all()
         return body
 
     def update_from_tensor(self, body, handler) -> dict:
         body = self._update_body(body, {"serialized_named_tensors": (list,)})
         payloads = body["serialized_named_tensors"]
-        fmt = _field(body, "load_format", (str,), None)
+        fmt = body_field(body, "load_format", (str,), None)
         if not payloads or not all(isinstance(p, str) for p in payloads):
             raise Invalid("serialized_named_tensors: expected one base64 string per TP rank")
         if fmt not in (None, "direct", "flattened_bucket"):
@@ -425,8 +417,8 @@ class EmbeddedServer:
     def init_group(self, body, handler) -> dict:
         body = self._update_body(body, {"master_address": (str,), "master_port": (int,),
                                         "rank_offset": (int,), "world_size": (int,)})
-        name = _field(body, "group_name", (str,), "weight_update_group")
-        backend = _field(body, "backend", (str,), "nccl")
+        name = body_field(body, "group_name", (str,), "weight_update_group")
+        backend = body_field(body, "backend", (str,), "nccl")
         try:
             self._groups[name] = protocol.init_weight_update_group(
                 backend, body["master_address"], body["master_port"], body["rank_offset"],
@@ -440,7 +432,7 @@ class EmbeddedServer:
 
         body = self._update_body(body, {"names": (list,), "dtypes": (list,),
                                         "shapes": (list,)})
-        group = self._groups.get(_field(body, "group_name", (str,), "weight_update_group"))
+        group = self._groups.get(body_field(body, "group_name", (str,), "weight_update_group"))
         names, dtypes, shapes = body["names"], body["dtypes"], body["shapes"]
         if not (len(names) == len(dtypes) == len(shapes)):
             raise Invalid("names, dtypes and shapes must have the same length")
@@ -465,8 +457,8 @@ class EmbeddedServer:
     def destroy_group(self, body, handler) -> dict:
         import torch.distributed as dist
 
-        body = _object(body)
-        group = self._groups.pop(_field(body, "group_name", (str,), "weight_update_group"),
+        body = json_object(body)
+        group = self._groups.pop(body_field(body, "group_name", (str,), "weight_update_group"),
                                  None)
         if group is None:
             raise _fail("no such group")
@@ -474,11 +466,11 @@ class EmbeddedServer:
         return {"success": True, "message": "Succeeded to destroy custom process group."}
 
     def update_version(self, body, handler) -> dict:
-        body = _object(body)
+        body = json_object(body)
         if "new_version" not in body:
             raise Invalid("new_version: field required")
-        new = _field(body, "new_version", (str,), None)
-        if _field(body, "abort_all_requests", (bool,), True):
+        new = body_field(body, "new_version", (str,), None)
+        if body_field(body, "abort_all_requests", (bool,), True):
             self.abort_all()
         with self._lock:
             if new.endswith(protocol.PARTIAL):  # the client opens an update
@@ -493,102 +485,6 @@ class EmbeddedServer:
             self.weight_version = new
         return {"success": True, "message": f"Weight version updated to {new}",
                 "new_version": new}
-
-
-def _object(body) -> dict:
-    if body is None:
-        return {}
-    if not isinstance(body, dict):
-        raise Invalid("the body must be a JSON object")
-    return body
-
-
-def _field(body: dict, key: str, kinds: tuple, default):
-    value = body.get(key, default)
-    if value is None:
-        return default
-    if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
-        raise Invalid(f"{key}: expected {' or '.join(k.__name__ for k in kinds)}, "
-                      f"got {value!r}")
-    return value
-
-
-def _disconnected(conn: socket.socket) -> bool:
-    """The client closed its end (readable with nothing to read)."""
-    try:
-        readable, _, _ = select.select([conn], [], [], 0)
-        return bool(readable) and conn.recv(1, socket.MSG_PEEK) == b""
-    except (OSError, ValueError):
-        return True
-
-
-def _handler(server: EmbeddedServer):
-    routes = server.routes()
-    paths = {p for _, p in routes}
-
-    class Handler(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
-
-        def log_message(self, *args):  # quiet: the client reports what matters
-            pass
-
-        def _serve(self, method: str) -> None:
-            path, _, query = self.path.partition("?")
-            length = int(self.headers.get("Content-Length") or 0)
-            raw = self.rfile.read(length) if length else b""
-            route = routes.get((method, path))
-            if route is None:
-                code, detail = (405, "Method Not Allowed") if path in paths else \
-                    (404, "Not Found")
-                return self._reply(code, {"detail": detail})
-            try:
-                try:
-                    body = json.loads(raw) if raw.strip() else None
-                except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                    raise Invalid(f"JSON decode error: {e}") from None
-                if body is None and query:
-                    body = {k: v[-1] for k, v in parse_qs(query).items()}
-                    body.pop("timeout", None)
-                out = route(body, self)
-                if isinstance(out, Reply):
-                    return self._reply(out.status, out.body, out.text)
-                return self._reply(200, out)
-            except Reply as r:
-                return self._reply(r.status, r.body, r.text)
-            except Invalid as e:
-                return self._reply(400, {"object": "error", "message": str(e),
-                                         "type": "Bad Request", "param": None, "code": 400})
-            except Refused as e:
-                return self._reply(400, {"error": {"message": str(e)}})
-            except Exception as e:  # noqa: BLE001 - a 500 with the reason beats a dropped socket
-                return self._reply(500, {"error": {"message": f"{type(e).__name__}: {e}"}})
-
-        def _reply(self, code: int, obj: Any, text: bool = False) -> None:
-            if text:
-                data = str(obj).encode()
-                kind = "text/event-stream" if str(obj).startswith("data: ") else \
-                    "text/plain; charset=utf-8"
-            else:
-                data, kind = json.dumps(obj).encode(), "application/json"
-            try:
-                self.send_response(code)
-                self.send_header("Content-Type", kind)
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-            except (BrokenPipeError, ConnectionResetError):
-                pass  # the client is gone (it disconnected, or an aborted request)
-
-        def do_GET(self):
-            self._serve("GET")
-
-        def do_POST(self):
-            self._serve("POST")
-
-        def do_PUT(self):
-            self._serve("PUT")
-
-    return Handler
 
 
 class CannotListen(OSError):
