@@ -11,7 +11,10 @@ and that over the bandwidth of one large `copy_` in this process (the memcpy bou
 transport copies each byte at least once on each side). Prints one JSON object per figure.
 
 On CPU: `tensor` = shared memory named by file (the tensors are cloned before each push, so the
-move into shared memory is timed as a trainer's fresh tensors would pay it); `disk` =
+move into shared memory is timed as a trainer's fresh tensors would pay it), measured twice in
+the same run: as flattened buckets (`push_tensor_flattened_*`: one uint8 tensor per bucket in
+SGLang's `FlattenedTensorBucket` layout, the client's default) and as per-tensor payloads
+(`push_tensor_per_tensor_*`: one shared-memory file and pickled tensor per parameter); `disk` =
 safetensors written to and read from a temporary directory; `distributed` = a gloo broadcast
 over loopback TCP. On a GPU these become CUDA IPC and NCCL with SGLang proper.
 """
@@ -88,10 +91,15 @@ def main(argv=None) -> None:
     servers = launch(serve, 1, "127.0.0.1", 0, os.path.join(work, "model"),
                      os.path.join(work, "logs"), 600)
     try:
+        variants = []
         for kind in args.transports.split(","):
+            variants += [("tensor", "tensor_flattened", True),
+                         ("tensor", "tensor_per_tensor", False)] if kind == "tensor" \
+                else [(kind, kind, True)]
+        for kind, label, flattened in variants:
             for mb in [int(x) for x in args.buckets.split(",")]:
                 transport = make_transport(kind, mb * 2 ** 20, os.path.join(work, "pushed"),
-                                           backend="gloo", timeout_s=600)
+                                           backend="gloo", timeout_s=600, flattened=flattened)
                 # Separate placement without a host copy: the stream goes straight through.
                 engine = SGLangEngine({"policy": servers, "momentum": list(servers)},
                                       transport, host_copy=False, log=lambda _: None)
@@ -104,8 +112,8 @@ def main(argv=None) -> None:
                     del fresh
                 transport.close()
                 gbps = total / best / 1e9
-                emit(f"push_{kind}_{mb}MB", gbps, "GB/s")
-                emit(f"push_{kind}_{mb}MB_over_memcpy", gbps / bound, "ratio")
+                emit(f"push_{label}_{mb}MB", gbps, "GB/s", tensors=len(named))
+                emit(f"push_{label}_{mb}MB_over_memcpy", gbps / bound, "ratio")
     finally:
         for s in servers:
             s.process.stop()

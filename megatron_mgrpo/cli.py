@@ -157,13 +157,18 @@ def main(argv: Optional[List[str]] = None) -> int:
             parser.error(f"unrecognized arguments: {' '.join(overrides)}")
         import os
 
-        from megatron_mgrpo.rollout.server import serve
+        from megatron_mgrpo.rollout.server import CannotListen, serve
 
         if not os.path.isfile(os.path.join(args.model, "config.json")):
             print(f"mgrpo serve: {args.model} is not an HF model directory (no config.json)",
                   file=sys.stderr)
             return 2
-        serve(args.model, args.host, args.port, args.dtype, args.weight_version)
+        try:
+            serve(args.model, args.host, args.port, args.dtype, args.weight_version)
+        except CannotListen as e:
+            print(f"mgrpo serve: {e} (is another server on that port? pick one with --port)",
+                  file=sys.stderr)
+            return 2
         return 0
     try:
         if args.command == "plan":

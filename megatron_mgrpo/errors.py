@@ -18,4 +18,6 @@ class CheckpointError(RuntimeError):
 
 
 class RolloutError(RuntimeError):
-    """Generation could not be completed by the servers left (no partial batch is returned)."""
+    """The rollout servers failed: one could not be started or reached, or the servers left
+    could not complete a call (no partial batch is returned). Its message is one line, fit to
+    print as it is."""

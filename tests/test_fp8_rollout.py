@@ -202,7 +202,7 @@ def test_fp8_update_over_a_broadcast_group_to_a_launched_server(model_dir, tmp_p
         reference.update_weights("policy", [list(expected_weights(named, 0).items())], 1)
         assert_same(engine.generate(PROMPTS, 2, PARAMS, "policy"),
                     reference.generate(PROMPTS, 2, PARAMS, "policy"))
-        assert Server(servers[0].url).call("/get_weight_version")["weight_version"] \
+        assert Server(servers[0].url).call("/model_info")["weight_version"] \
             == "policy:3"
     finally:
         engine.close()  # stops the servers it launched

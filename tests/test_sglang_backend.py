@@ -97,7 +97,7 @@ def test_generate_both_sets_over_http_equals_the_embedded_engine(weights, refere
             assert_same(engine.generate(PROMPTS, 3, PARAMS, m), reference.generate(
                 PROMPTS, 3, PARAMS, m))
         # The servers say which weights they hold; in the swap placement the last set sampled.
-        held = {Server(s.url).call("/get_weight_version")["weight_version"] for s in servers}
+        held = {Server(s.url).call("/model_info")["weight_version"] for s in servers}
         assert held <= {"policy:1", "momentum:1"} and len(held) == (
             1 if placement == "swap" else 2)
     finally:
@@ -161,7 +161,7 @@ def test_a_broken_off_update_is_never_stamped(weights):
         with pytest.raises(RuntimeError, match="mid-push"):
             engine.update_weights("policy", stream(), 2)
         assert engine.weight_version("policy") is None
-        assert policy_server.call("/get_weight_version")["weight_version"] == "policy:2:partial"
+        assert policy_server.call("/model_info")["weight_version"] == "policy:2:partial"
         with pytest.raises(WeightsNotReadyError):
             engine.generate(PROMPTS, 1, PARAMS, "policy")
         # A server refuses a bucket that does not fit; the set stays unusable.
@@ -171,7 +171,7 @@ def test_a_broken_off_update_is_never_stamped(weights):
         # Incomplete (buckets missing): the server will not stamp it.
         with pytest.raises(WeightUpdateError, match="without"):
             engine.update_weights("policy", [weights["policy"][:4]], 4)
-        assert policy_server.call("/get_weight_version")["weight_version"].endswith(":partial")
+        assert policy_server.call("/model_info")["weight_version"].endswith(":partial")
         engine.update_weights("policy", buckets(weights["policy"], 7), 5)
         assert engine.weight_version("policy") == 5
         assert engine.generate(PROMPTS, 1, PARAMS, "policy")
@@ -245,7 +245,7 @@ def test_launched_servers_survive_a_kill_and_a_hang_mid_step(weights, reference,
         assert_same(engine.generate(many, 2, PARAMS, "momentum"), want)
         undo()
         assert engine.stats["restarts"] == 2
-        assert {s.call("/get_weight_version")["weight_version"] for s in servers} == \
+        assert {s.call("/model_info")["weight_version"] for s in servers} == \
             {"momentum:1"}
     finally:
         engine.close()

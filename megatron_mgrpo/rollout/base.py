@@ -42,9 +42,15 @@ class SamplingParams:
     top_p: float = 1.0
     """Nucleus sampling: draw from the smallest set of most likely tokens whose probability
     reaches top_p (1.0: the full vocabulary). Does not change the returned log-probs."""
+    top_k: int = -1
+    """Draw from the k most likely tokens only (-1: all; 1: greedy). Applied before top_p.
+    Does not change the returned log-probs."""
     max_new_tokens: int = 64
     """Most tokens generated per completion (the stop token included); a completion that
     reaches it ends with finish_reason "length"."""
+    min_new_tokens: int = 0
+    """Stop tokens cannot be drawn before this many tokens were generated (their logits are
+    masked, and the returned log-probs are those of the masked distribution there)."""
     stop_token_ids: List[int] = field(default_factory=list)
     """A completion ends after generating any of these (the caller includes the EOS id)."""
     seed: Optional[int] = None
@@ -60,6 +66,12 @@ class SamplingParams:
         if self.max_new_tokens < 1:
             raise ValueError(f"SamplingParams.max_new_tokens: got {self.max_new_tokens}; "
                              "accepted: an integer >= 1")
+        if self.top_k == 0 or self.top_k < -1:
+            raise ValueError(f"SamplingParams.top_k: got {self.top_k}; accepted: -1 (all) or "
+                             "an integer >= 1")
+        if not 0 <= self.min_new_tokens <= self.max_new_tokens:
+            raise ValueError(f"SamplingParams.min_new_tokens: got {self.min_new_tokens}; "
+                             f"accepted: 0 ... max_new_tokens ({self.max_new_tokens})")
 
 
 @dataclass
@@ -72,8 +84,9 @@ class Completion:
     """log-prob of each generated token under softmax(logits / temperature) over the full
     vocabulary, before top-p truncation: the quantity megatron's
     `completion_logprobs(..., temperature=T)` computes (T = 1 when greedy)."""
-    finish_reason: Literal["stop", "length"]
-    """"stop": the last token is a stop token; "length": max_new_tokens was reached."""
+    finish_reason: Literal["stop", "length", "abort"]
+    """"stop": the last token is a stop token; "length": max_new_tokens was reached;
+    "abort": cancelled part-way (only a server's cancelled request ends so)."""
 
 
 class RolloutEngine(abc.ABC):
@@ -100,6 +113,10 @@ class RolloutEngine(abc.ABC):
 
     def close(self) -> None:
         """Release servers and transfer state (an in-process engine has none)."""
+
+    def release_memory(self) -> None:
+        """Give the engine's accelerator memory back for training until the next weight load
+        (servers colocated with training; others: nothing to do)."""
 
     @abc.abstractmethod
     def weight_version(self, model: str = "policy") -> Optional[int]:

@@ -30,7 +30,7 @@ import hashlib
 import inspect
 import random
 from dataclasses import dataclass
-from typing import Dict, Iterable, List, Optional, Sequence
+from typing import Callable, Dict, Iterable, List, Optional, Sequence
 
 import torch
 
@@ -243,15 +243,19 @@ class EmbeddedEngine(RolloutEngine):
         return [flat[i * n:(i + 1) * n] for i in range(len(prompts))]
 
     def generate_rows(self, prompts: List[List[int]], seeds: Sequence[Optional[int]],
-                      params: SamplingParams, model: str = "policy") -> List[Completion]:
+                      params: SamplingParams, model: str = "policy",
+                      should_stop: Optional[Callable[[], bool]] = None) -> List[Completion]:
         """One completion per prompt, each drawn from the random stream `seeds[i]` (None: a
         fresh one from the engine's generator); `params.seed` is not used. What a server
-        does with a request whose items carry their own sampling seeds."""
-        return self._rows(self._checked(prompts), seeds, params, model)
+        does with a request whose items carry their own sampling seeds. `should_stop` is
+        asked before every decoding step; True ends the unfinished completions there with
+        finish_reason "abort" (a cancelled request)."""
+        return self._rows(self._checked(prompts), seeds, params, model, should_stop)
 
     @torch.no_grad()
     def _rows(self, prompts: List[List[int]], seeds: Sequence[Optional[int]],
-              params: SamplingParams, model: str) -> List[Completion]:
+              params: SamplingParams, model: str,
+              should_stop: Optional[Callable[[], bool]] = None) -> List[Completion]:
         """generate_rows on prompts already checked."""
         ws = self._set(model)
         if ws.broken:
@@ -271,7 +275,7 @@ class EmbeddedEngine(RolloutEngine):
             for start in range(0, len(rows), self.max_batch_size):
                 chunk = rows[start:start + self.max_batch_size]
                 done = self._sample(ws.model, [prompts[r] for r in chunk],
-                                    [seeds[r] for r in chunk], params)
+                                    [seeds[r] for r in chunk], params, should_stop)
                 for r, c in zip(chunk, done):
                     out[r] = c
         finally:
@@ -290,7 +294,8 @@ class EmbeddedEngine(RolloutEngine):
         return prompts
 
     def _sample(self, model, prompts: Sequence[List[int]], seeds: Sequence[int],
-                params: SamplingParams) -> List[Completion]:
+                params: SamplingParams, should_stop: Optional[Callable[[], bool]] = None
+                ) -> List[Completion]:
         """One batch: left-padded prefill, then one token per step for the unfinished rows."""
         from transformers import DynamicCache
 
@@ -322,9 +327,17 @@ class EmbeddedEngine(RolloutEngine):
         logprobs = torch.zeros(b, steps, dtype=torch.float32, device=dev)
         lengths = torch.full((b,), steps, dtype=torch.long)
         stopped = torch.zeros(b, dtype=torch.bool)
+        aborted = False
         active = torch.arange(b, device=dev)  # original rows still in the cache
         for t in range(steps):
-            tok, lp = _pick(logits.float(), uniforms[active, t], params)
+            if should_stop is not None and should_stop():
+                lengths[active.cpu()] = t
+                aborted = True
+                break
+            logits = logits.float()
+            if t < params.min_new_tokens and stop_ids.numel():
+                logits[:, stop_ids] = float("-inf")
+            tok, lp = _pick(logits, uniforms[active, t], params)
             tokens[active, t] = tok
             logprobs[active, t] = lp
             hit = torch.isin(tok, stop_ids)
@@ -347,7 +360,8 @@ class EmbeddedEngine(RolloutEngine):
         tokens, logprobs = tokens.cpu().tolist(), logprobs.cpu().tolist()
         return [Completion(token_ids=tokens[r][:int(lengths[r])],
                            logprobs=logprobs[r][:int(lengths[r])],
-                           finish_reason="stop" if stopped[r] else "length")
+                           finish_reason="stop" if stopped[r] else
+                           "abort" if aborted and int(lengths[r]) < steps else "length")
                 for r in range(b)]
 
 
@@ -386,6 +400,10 @@ def _pick(logits: torch.Tensor, u: torch.Tensor, params: SamplingParams):
         return tok, logp.gather(-1, tok[:, None]).squeeze(1)
     logp = torch.log_softmax(logits / params.temperature, dim=-1)
     probs = logp.exp()
+    if 0 < params.top_k < probs.shape[-1]:
+        kth = probs.topk(params.top_k, dim=-1).values[:, -1:]
+        probs = probs * (probs >= kth)  # ties with the k-th are kept, as in a nucleus
+        probs = probs / probs.sum(-1, keepdim=True)  # top_p reads the renormalised top k
     if params.top_p < 1.0:
         probs = probs * _nucleus(probs, params.top_p)
     cdf = probs.cumsum(-1)

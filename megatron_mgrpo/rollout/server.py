@@ -1,4 +1,4 @@
-"""An HTTP server that speaks SGLang's protocol on top of the embedded engine.
+"""An HTTP server that speaks SGLang 0.5.23's protocol on top of the embedded engine.
 
     mgrpo serve --model HF_DIR [--host 127.0.0.1] [--port 30000]
 
@@ -7,15 +7,29 @@ the SGLang client is exercised over real HTTP, and the disaggregated layout (tra
 rollout servers there) runs on a laptop. Like an SGLang server it holds one model; the client
 decides whether that is the policy or the momentum model.
 
-Endpoints (request and response fields as SGLang's): GET /health, /health_generate,
-/get_model_info, /get_server_info, /get_weight_version; POST /generate,
-/update_weights_from_tensor, /update_weights_from_disk, /init_weights_update_group,
-/update_weights_from_distributed, /destroy_weights_update_group, /update_weight_version,
-/pause_generation, /continue_generation, /flush_cache.
+Routes and replies as SGLang 0.5.23's (`sglang.srt.entrypoints.http_server`): GET /health,
+/health_generate, /model_info, /get_model_info, /server_info, /get_server_info;
+GET|POST /flush_cache (text; 400 while requests run), /release_memory_occupation,
+/resume_memory_occupation; POST|PUT /generate (`server_requests` says what it honours);
+POST /begin_weight_update, /end_weight_update, /update_weights_from_tensor (inside a session;
+plain pairs, verl's `LocalSerializedTensor` values or `load_format: "flattened_bucket"`),
+/update_weights_from_disk, /init_weights_update_group, /update_weights_from_distributed (inside
+a session), /destroy_weights_update_group, /update_weight_version, /abort_request,
+/pause_generation, /continue_generation. Errors: 404 `{"detail": "Not Found"}`; a malformed
+body 400 in SGLang's `ErrorResponse` shape; a refused generation 400 `{"error": {"message"}}`;
+a refused weight call 400 `{"success": false, "message"}`. Not served: /v1/* (OpenAI API).
 
-Beyond SGLang, for safety: a weight version that ends in ":partial" marks an update under way;
-confirming a final version with /update_weight_version fails unless the partial update covered
-every parameter, so a broken-off update can never be stamped complete.
+Where it differs, on purpose:
+- tensor payloads are unpickled with an exact allowlist of tensors, storages and dtypes
+  (`protocol.TensorUnpickler`), shared memory by name only (CPU);
+- a weight version that ends in ":partial" marks an update under way; confirming a final
+  version with /update_weight_version fails unless the update covered every parameter;
+- requests run one batch at a time (one request's items together); /health_generate answers
+  at once while a generation makes progress, as SGLang's does while it runs something;
+- a released model (/release_memory_occupation) refuses /generate until resumed, and its
+  weights are gone after /resume_memory_occupation (zeroed) until a load, as a GPU server's
+  are undefined;
+- `stream: true` sends the whole result as one event, then `data: [DONE]`.
 """
 
 from __future__ import annotations
@@ -23,8 +37,10 @@ from __future__ import annotations
 import glob
 import json
 import os
+import socket
 import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+import time
+from http.server import ThreadingHTTPServer
 from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch
@@ -32,12 +48,19 @@ import torch
 from megatron_mgrpo.rollout import protocol
 from megatron_mgrpo.rollout.base import SamplingParams, WeightUpdateError
 from megatron_mgrpo.rollout.embedded import EmbeddedEngine
+from megatron_mgrpo.rollout.server_http import (Reply, body_field, disconnected, handler,
+                                               json_object)
+from megatron_mgrpo.rollout.server_requests import (Invalid, Refused, apply_stop_strings,
+                                                    parse_generate, reply_item)
 
 MODEL = "policy"  # the engine's one weight set
+SGLANG_VERSION = "0.5.23"
+"""The SGLang whose HTTP contract this server follows (reported in /server_info)."""
+MEMORY_TAGS = ("weights", "kv_cache", "cuda_graph")
 
 
-class BadRequest(ValueError):
-    """A request the server refuses (answered 400 with the message)."""
+def _fail(message: str) -> Reply:
+    return Reply(400, {"success": False, "message": message})
 
 
 class EmbeddedServer:
@@ -45,16 +68,27 @@ class EmbeddedServer:
     from this one."""
 
     def __init__(self, engine: EmbeddedEngine, host: str = "127.0.0.1", port: int = 0,
-                 model_path: str = "", weight_version: str = "default"):
+                 model_path: str = "", weight_version: str = "default", tokenizer=None):
         self.engine = engine
         self.model_path = model_path
         self.weight_version = weight_version
+        self.tokenizer = tokenizer
+        cfg = engine.config
+        self.context_len = int(getattr(cfg, "max_position_embeddings", None) or 2 ** 31)
+        eos = getattr(cfg, "eos_token_id", None)
+        eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+        self.eos_ids = [int(t) for t in eos if 0 <= int(t) < cfg.vocab_size]
         self._lock = threading.RLock()  # one generation or weight load at a time
+        self._state = threading.Lock()  # the bookkeeping below
         self._resumed = threading.Event()
         self._resumed.set()
+        self._running: Dict[str, threading.Event] = {}  # rid -> its cancel flag
+        self._progress = 0.0  # monotonic time of the last decoding step
+        self._session = False
+        self._released: set = set()
         self._partial_names: Optional[set] = None
         self._groups: Dict[str, Any] = {}
-        self._http = ThreadingHTTPServer((host, port), _handler(self))
+        self._http = ThreadingHTTPServer((host, port), handler(self.routes()))
         self._http.daemon_threads = True
         self._thread: Optional[threading.Thread] = None
 
@@ -72,84 +106,229 @@ class EmbeddedServer:
         self._http.serve_forever()
 
     def stop(self) -> None:
+        self.abort_all()
         self._http.shutdown()
         self._http.server_close()
 
     # ---- routes -----------------------------------------------------------------------------
 
-    def routes(self) -> Dict[Tuple[str, str], Callable[[dict], Any]]:
-        return {
-            ("GET", "/health"): lambda _: {},
-            ("GET", "/health_generate"): self.health_generate,
-            ("GET", "/get_model_info"): lambda _: {
-                "model_path": self.model_path, "tokenizer_path": self.model_path,
-                "is_generation": True, "weight_version": self.weight_version},
-            ("GET", "/get_server_info"): lambda _: {
-                "model_path": self.model_path, "tp_size": 1, "dp_size": 1,
-                "weight_version": self.weight_version},
-            ("GET", "/get_weight_version"): lambda _: {"weight_version": self.weight_version},
-            ("POST", "/generate"): self.generate,
-            ("POST", "/update_weights_from_tensor"): self.update_from_tensor,
-            ("POST", "/update_weights_from_disk"): self.update_from_disk,
-            ("POST", "/init_weights_update_group"): self.init_group,
-            ("POST", "/update_weights_from_distributed"): self.update_from_distributed,
-            ("POST", "/destroy_weights_update_group"): self.destroy_group,
-            ("POST", "/update_weight_version"): self.update_version,
-            ("POST", "/pause_generation"): self.pause,
-            ("POST", "/continue_generation"): self.resume,
-            ("POST", "/flush_cache"): lambda _: {"success": True},
-            ("GET", "/flush_cache"): lambda _: {"success": True},
-        }
+    def routes(self) -> Dict[Tuple[str, str], Callable[[Any, Any], Any]]:
+        r: Dict[Tuple[str, str], Callable] = {}
+        for m in ("GET",):
+            r[(m, "/health")] = lambda b, h: Reply(200, "", text=True)
+            r[(m, "/health_generate")] = self.health_generate
+            r[(m, "/model_info")] = r[(m, "/get_model_info")] = lambda b, h: self.model_info()
+            r[(m, "/server_info")] = r[(m, "/get_server_info")] = lambda b, h: self.server_info()
+        for m in ("GET", "POST"):
+            r[(m, "/flush_cache")] = self.flush_cache
+            r[(m, "/release_memory_occupation")] = self.release
+            r[(m, "/resume_memory_occupation")] = self.resume_memory
+        for m in ("POST", "PUT"):
+            r[(m, "/generate")] = self.generate
+        post = {"/begin_weight_update": self.begin_session,
+                "/end_weight_update": self.end_session,
+                "/update_weights_from_tensor": self.update_from_tensor,
+                "/update_weights_from_disk": self.update_from_disk,
+                "/init_weights_update_group": self.init_group,
+                "/update_weights_from_distributed": self.update_from_distributed,
+                "/destroy_weights_update_group": self.destroy_group,
+                "/update_weight_version": self.update_version,
+                "/abort_request": self.abort_request,
+                "/pause_generation": self.pause, "/continue_generation": self.resume}
+        for path, fn in post.items():
+            r[("POST", path)] = fn
+        return r
 
-    def generate(self, body: dict) -> list:
-        prompts = body.get("input_ids")
-        if not isinstance(prompts, list) or not prompts:
-            raise BadRequest("/generate needs input_ids (token ids; this server has no "
-                             "tokenizer)")
-        single = not isinstance(prompts[0], list)
-        prompts = [prompts] if single else prompts
-        sampling = body.get("sampling_params") or {}
-        per_item = sampling if isinstance(sampling, list) else [sampling] * len(prompts)
-        if len(per_item) != len(prompts):
-            raise BadRequest(f"{len(prompts)} prompts but {len(per_item)} sampling_params")
-        n = int(per_item[0].get("n", 1))
-        if any(int(s.get("n", 1)) != n for s in per_item):
-            raise BadRequest("every item's sampling_params.n must be the same")
-        first = per_item[0]
-        if any({k: v for k, v in s.items() if k != "sampling_seed"}
-               != {k: v for k, v in first.items() if k != "sampling_seed"} for s in per_item):
-            raise BadRequest("this server takes one set of sampling parameters per request "
-                             "(only sampling_seed may differ between items)")
+    def model_info(self) -> dict:
+        cfg = self.engine.config
+        return {"model_path": self.model_path, "served_model_name": self.model_path,
+                "tokenizer_path": self.model_path if self.tokenizer is not None else None,
+                "is_generation": True, "preferred_sampling_params": None,
+                "weight_version": self.weight_version, "load_format": "auto",
+                "reasoning_parser": None, "tool_call_parser": None,
+                "disaggregation_mode": "null", "has_image_understanding": False,
+                "has_audio_understanding": False,
+                "model_type": getattr(cfg, "model_type", None),
+                "architectures": getattr(cfg, "architectures", None)}
+
+    def server_info(self) -> dict:
+        return {"model_path": self.model_path, "tokenizer_path": self.model_path,
+                "tp_size": 1, "dp_size": 1, "pp_size": 1, "context_length": self.context_len,
+                "skip_tokenizer_init": self.tokenizer is None, "dtype": str(
+                    self.engine.dtype).replace("torch.", ""),
+                "internal_states": [{"running_requests": len(self._running)}],
+                "version": SGLANG_VERSION, "frontend": "mgrpo serve"}
+
+    # ---- generation -------------------------------------------------------------------------
+
+    def generate(self, body: Any, handler) -> Any:
+        req = parse_generate(body, self.tokenizer, self.engine.config.vocab_size,
+                             self.context_len, self.eos_ids)
+        if self._released:
+            raise Refused("the model's memory is released (/release_memory_occupation); "
+                          "call /resume_memory_occupation and load weights first")
+        n = req.sampling.n
+        rows = [p for p in req.prompts for _ in range(n)]  # SGLang's order: prompt-major
+        seeds = [s for s in req.sampling.seeds for _ in range(n)]
+        rids = [r if n == 1 else f"{r}_{j}" for r in req.rid for j in range(n)]
+        cancel = threading.Event()
+        with self._state:
+            for r in req.rid:
+                self._running[r] = cancel
+        start = time.monotonic()
+        conn = getattr(handler, "connection", None)
+
+        def should_stop() -> bool:
+            self._progress = time.monotonic()
+            if not cancel.is_set() and conn is not None and disconnected(conn):
+                cancel.set()  # the client went away: stop working for it
+            return cancel.is_set()
+
         try:
-            params = SamplingParams(
-                temperature=float(first.get("temperature", 1.0)),
-                top_p=float(first.get("top_p", 1.0)),
-                max_new_tokens=int(first.get("max_new_tokens", 128)),
-                stop_token_ids=[int(t) for t in first.get("stop_token_ids") or []])
-        except (TypeError, ValueError) as e:
-            raise BadRequest(f"sampling_params: {e}") from None
-        # SGLang's order for n > 1: prompt-major, each prompt's n samples together.
-        rows = [p for p in prompts for _ in range(n)]
-        seeds = [s.get("sampling_seed") for s in per_item for _ in range(n)]
-        self._resumed.wait()
-        with self._lock:
-            try:
-                done = self.engine.generate_rows(rows, seeds, params, MODEL)
-            except ValueError as e:
-                raise BadRequest(str(e)) from None
-            version = self.weight_version
-        items = protocol.generate_response(done, version, [len(p) for p in rows])
-        return items[0] if single and n == 1 else items
+            self._resumed.wait()
+            with self._lock:
+                version = self.weight_version
+                self._progress = time.monotonic()
+                done = self.engine.generate_rows(rows, seeds, req.sampling.params, MODEL,
+                                                 should_stop=should_stop)
+        except ValueError as e:
+            raise Refused(str(e)) from None
+        finally:
+            with self._state:
+                for r in req.rid:
+                    self._running.pop(r, None)
+        latency = time.monotonic() - start
+        items = []
+        for c, rid, row in zip(done, rids, rows):
+            c, matched = apply_stop_strings(c, req.sampling.stop_strings, self.tokenizer,
+                                            req.sampling.skip_special_tokens)
+            items.append(reply_item(c, rid, len(row), version, latency, req, self.tokenizer,
+                                    matched))
+        out = items[0] if req.single and n == 1 else items
+        if req.stream:
+            events = [out] if isinstance(out, dict) else out
+            return Reply(200, "".join(f"data: {json.dumps(e)}\n\n" for e in events)
+                         + "data: [DONE]\n\n", text=True)
+        return out
 
-    def health_generate(self, _: dict) -> dict:
-        with self._lock:
-            self.engine.generate_rows([[0]], [0], SamplingParams(max_new_tokens=1), MODEL)
-        return {}
+    def health_generate(self, body, handler) -> Reply:
+        """200 at once while a generation makes progress (as SGLang: any output counts);
+        otherwise one greedy token; 503 when that does not come within 20 s."""
+        if self._running and time.monotonic() - self._progress < 20.0:
+            return Reply(200, "", text=True)
+        if self._released:
+            return Reply(503, "", text=True)
+        if not self._lock.acquire(timeout=20.0):
+            return Reply(503, "", text=True)
+        try:
+            self.engine.generate_rows([[0]], [0], SamplingParams(temperature=0.0,
+                                                                 max_new_tokens=1), MODEL)
+        finally:
+            self._lock.release()
+        return Reply(200, "", text=True)
 
-    def _load(self, named, body: dict) -> dict:
+    def abort_all(self) -> None:
+        with self._state:
+            for ev in self._running.values():
+                ev.set()
+
+    def abort_request(self, body, handler) -> Reply:
+        body = json_object(body)
+        rid = body_field(body, "rid", (str,), None)
+        abort_all = body_field(body, "abort_all", (bool,), False)
+        with self._state:
+            for r, ev in self._running.items():
+                if abort_all or r == rid:
+                    ev.set()
+        return Reply(200, "", text=True)
+
+    def flush_cache(self, body, handler) -> Reply:
+        # No prefix cache here; what a caller can observe is SGLang's refusal while busy.
+        if self._running:
+            return Reply(400, "Flush cache failed: there are running or waiting requests.\n",
+                         text=True)
+        return Reply(200, "Cache flushed.\nPlease check backend logs for more details. "
+                     "(When there are running or waiting requests, the operation will not "
+                     "be performed.)\n", text=True)
+
+    def pause(self, body, handler) -> dict:
+        body = json_object(body)
+        mode = body_field(body, "mode", (str,), "abort")
+        if mode not in ("abort", "retract", "in_place"):
+            raise Invalid(f"mode: expected abort | retract | in_place, got {mode!r}")
+        self._resumed.clear()
+        if mode == "abort":
+            self.abort_all()
+        with self._lock:  # in-flight generations end first
+            pass
+        return {"message": "Generation paused successfully.", "status": "ok"}
+
+    def resume(self, body, handler) -> dict:
+        json_object(body)
+        self._resumed.set()
+        return {"message": "Generation continued successfully.", "status": "ok"}
+
+    # ---- memory -----------------------------------------------------------------------------
+
+    def _tags(self, body) -> list:
+        body = json_object(body)
+        tags = body_field(body, "tags", (list,), None) or list(MEMORY_TAGS)
+        if not all(t in MEMORY_TAGS for t in tags):
+            raise Invalid(f"tags: expected a list of {' | '.join(MEMORY_TAGS)}, got {tags!r}")
+        return tags
+
+    def release(self, body, handler) -> Reply:
+        tags = self._tags(body)
+        if self._running:
+            return Reply(400, {"error": {"message": "release_memory_occupation should be "
+                                                    "called only when server is idle."}})
+        with self._lock:
+            self._released.update(tags)
+        return Reply(200, None)
+
+    def resume_memory(self, body, handler) -> Reply:
+        tags = self._tags(body)
+        missing = [t for t in tags if t not in self._released]
+        if missing:
+            return Reply(400, {"error": {"message": f"{missing[0]} is not released"}})
+        with self._lock:
+            if "weights" in tags:  # the memory comes back, its contents do not
+                with torch.no_grad():
+                    for p in self.engine.hf_model(MODEL).parameters():
+                        p.zero_()
+            self._released.difference_update(tags)
+        return Reply(200, None)
+
+    # ---- weights ----------------------------------------------------------------------------
+
+    def begin_session(self, body, handler) -> dict:
+        json_object(body)
+        with self._lock:
+            if self._session:
+                raise _fail("a weight-update session is already open; call "
+                            "end_weight_update() first")
+            self._session = True
+        return {"success": True, "message": "Success"}
+
+    def end_session(self, body, handler) -> dict:
+        json_object(body)
+        with self._lock:
+            if not self._session:
+                raise _fail("no weight-update session is open; call begin_weight_update() "
+                            "first")
+            self._session = False
+        return {"success": True, "message": "Success"}
+
+    def _load(self, named, body: dict, route: str) -> dict:
         """Load one bucket of a (possibly partial) update; stamp the request's version."""
         version = body.get("weight_version")
         with self._lock:
+            if not self._session:
+                raise _fail(f"{route} must run between begin_weight_update() and "
+                            "end_weight_update()")
+            if "weights" in self._released:
+                raise _fail("the weights' memory is released; /resume_memory_occupation "
+                            "first")
             if version is not None and version.endswith(protocol.PARTIAL):
                 if self._partial_names is None or self.weight_version != version:
                     self._partial_names = set()  # a new partial update starts
@@ -161,30 +340,56 @@ class EmbeddedServer:
             except WeightUpdateError as e:
                 self.weight_version = version if version and version.endswith(
                     protocol.PARTIAL) else self.weight_version + protocol.PARTIAL
-                raise BadRequest(str(e)) from None
+                raise _fail(str(e)) from None
+            if body.get("flush_cache", True) and self._running:
+                raise _fail("Weights were updated, but the cache was not flushed because "
+                            "requests are still running or queued. Retract or finish them, "
+                            "then call /flush_cache.")
             if version is not None:
                 self.weight_version = version
-        return {"success": True, "message": f"loaded {len(named)} tensors"}
+        return {"success": True, "message": "Success" + (
+            f" Weight version updated to {version}." if version is not None else "")}
 
-    def update_from_tensor(self, body: dict) -> dict:
-        payloads = body.get("serialized_named_tensors")
-        if not isinstance(payloads, list) or not payloads:
-            raise BadRequest("serialized_named_tensors: expected one string per TP rank")
-        if body.get("load_format") not in (None, "direct"):
-            raise BadRequest(f"load_format {body.get('load_format')!r} is not supported here")
+    def _update_body(self, body, required: Dict[str, tuple]) -> dict:
+        body = json_object(body)
+        for key, kinds in required.items():
+            if key not in body:
+                raise Invalid(f"{key}: field required")
+            body_field(body, key, kinds, None)
+        body_field(body, "weight_version", (str,), None)
+        body_field(body, "flush_cache", (bool,), True)
+        if body_field(body, "abort_all_requests", (bool,), False):
+            self.abort_all()
+        return body
+
+    def update_from_tensor(self, body, handler) -> dict:
+        body = self._update_body(body, {"serialized_named_tensors": (list,)})
+        payloads = body["serialized_named_tensors"]
+        fmt = body_field(body, "load_format", (str,), None)
+        if not payloads or not all(isinstance(p, str) for p in payloads):
+            raise Invalid("serialized_named_tensors: expected one base64 string per TP rank")
+        if fmt not in (None, "direct", "flattened_bucket"):
+            raise _fail(f"load_format {fmt!r} is not supported here (None, direct, "
+                        "flattened_bucket)")
+        if not self._session:  # refused before anything is unpickled
+            raise _fail("update_weights_from_tensor must run between begin_weight_update() "
+                        "and end_weight_update()")
         try:  # TP size 1: rank 0's payload is the whole bucket
-            named = protocol.deserialize_named_tensors(payloads[0])
+            named = protocol.deserialize_named_tensors(payloads[0], fmt)
         except Exception as e:  # noqa: BLE001 - any undecodable payload is the client's fault
-            raise BadRequest(f"serialized_named_tensors: {type(e).__name__}: {e}") from None
-        return self._load(named, body)
+            raise _fail(f"serialized_named_tensors: {type(e).__name__}: {e}") from None
+        return self._load(named, body, "update_weights_from_tensor")
 
-    def update_from_disk(self, body: dict) -> dict:
+    def update_from_disk(self, body, handler) -> dict:
         from megatron_mgrpo.weights.safetensors_io import read_header, read_tensor
 
-        path = body.get("model_path") or ""
+        body = self._update_body(body, {"model_path": (str,)})
+        path = body["model_path"]
         files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
         if not files:
-            raise BadRequest(f"update_weights_from_disk: no *.safetensors in {path!r}")
+            raise Reply(400, {"success": False, "num_paused_requests": 0,
+                              "message": f"update_weights_from_disk: no *.safetensors in "
+                                         f"{path!r}"})
         seen: set = set()
         with self._lock:
             self.weight_version += "" if self.weight_version.endswith(protocol.PARTIAL) \
@@ -198,50 +403,75 @@ class EmbeddedServer:
                     self.engine.load_tensors(MODEL, named, seen)
                 self.engine.check_covered(MODEL, seen)
             except (WeightUpdateError, ValueError, OSError) as e:
-                raise BadRequest(f"update_weights_from_disk({path}): {e}") from None
-            self.weight_version = body.get("weight_version") or path
+                raise Reply(400, {"success": False, "num_paused_requests": 0,
+                                  "message": f"update_weights_from_disk({path}): {e}"}
+                            ) from None
+            self._released.discard("weights")
+            # As SGLang: the version moves only when the request names one.
+            self.weight_version = body.get("weight_version") or \
+                self.weight_version[:-len(protocol.PARTIAL)]
             self._partial_names = None
-        return {"success": True, "message": f"loaded {len(seen)} tensors from {path}",
+        return {"success": True, "message": "Succeeded to update model weights.",
                 "num_paused_requests": 0}
 
-    def init_group(self, body: dict) -> dict:
+    def init_group(self, body, handler) -> dict:
+        body = self._update_body(body, {"master_address": (str,), "master_port": (int,),
+                                        "rank_offset": (int,), "world_size": (int,)})
+        name = body_field(body, "group_name", (str,), "weight_update_group")
+        backend = body_field(body, "backend", (str,), "nccl")
         try:
-            name = body.get("group_name", "weight_update_group")
             self._groups[name] = protocol.init_weight_update_group(
-                body.get("backend", "gloo"), body["master_address"], int(body["master_port"]),
-                int(body["rank_offset"]), int(body["world_size"]), name)
-        except (KeyError, RuntimeError, ValueError) as e:
-            raise BadRequest(f"init_weights_update_group: {type(e).__name__}: {e}") from None
-        return {"success": True, "message": f"joined {name}"}
+                backend, body["master_address"], body["master_port"], body["rank_offset"],
+                body["world_size"], name)
+        except (RuntimeError, ValueError) as e:
+            raise _fail(f"Failed to init group: {type(e).__name__}: {e}") from None
+        return {"success": True, "message": "Succeeded to initialize custom process group."}
 
-    def update_from_distributed(self, body: dict) -> dict:
+    def update_from_distributed(self, body, handler) -> dict:
         import torch.distributed as dist
 
-        group = self._groups.get(body.get("group_name", "weight_update_group"))
-        if group is None:
-            raise BadRequest("update_weights_from_distributed: no such group; call "
-                             "/init_weights_update_group first")
-        names, dtypes, shapes = body.get("names", []), body.get("dtypes", []), \
-            body.get("shapes", [])
+        body = self._update_body(body, {"names": (list,), "dtypes": (list,),
+                                        "shapes": (list,)})
+        group = self._groups.get(body_field(body, "group_name", (str,), "weight_update_group"))
+        names, dtypes, shapes = body["names"], body["dtypes"], body["shapes"]
         if not (len(names) == len(dtypes) == len(shapes)):
-            raise BadRequest("names, dtypes and shapes must have the same length")
+            raise Invalid("names, dtypes and shapes must have the same length")
+        try:
+            specs = [(str(n), protocol.dtype_from_name(d), [int(x) for x in s])
+                     for n, d, s in zip(names, dtypes, shapes)]
+        except (TypeError, ValueError) as e:
+            raise Invalid(f"names, dtypes, shapes: {e}") from None
+        if group is None:
+            raise _fail("update_weights_from_distributed: no such group; call "
+                        "/init_weights_update_group first")
+        if not self._session:  # the sender is told before it broadcasts into nothing
+            raise _fail("update_weights_from_distributed must run between "
+                        "begin_weight_update() and end_weight_update()")
         named = []
-        for name, dt, shape in zip(names, dtypes, shapes):  # received in the request's order
-            t = torch.empty(shape, dtype=protocol.dtype_from_name(dt))
+        for name, dt, shape in specs:  # received in the request's order
+            t = torch.empty(shape, dtype=dt)
             dist.broadcast(protocol.wire_view(t, group), group=group, group_src=0)
             named.append((name, t))
-        return self._load(named, body)
+        return self._load(named, body, "update_weights_from_distributed")
 
-    def destroy_group(self, body: dict) -> dict:
+    def destroy_group(self, body, handler) -> dict:
         import torch.distributed as dist
 
-        group = self._groups.pop(body.get("group_name", "weight_update_group"), None)
-        if group is not None:
-            dist.destroy_process_group(group)
-        return {"success": True, "message": ""}
+        body = json_object(body)
+        group = self._groups.pop(body_field(body, "group_name", (str,), "weight_update_group"),
+                                 None)
+        if group is None:
+            raise _fail("no such group")
+        dist.destroy_process_group(group)
+        return {"success": True, "message": "Succeeded to destroy custom process group."}
 
-    def update_version(self, body: dict) -> dict:
-        new = str(body.get("new_version", ""))
+    def update_version(self, body, handler) -> dict:
+        body = json_object(body)
+        if "new_version" not in body:
+            raise Invalid("new_version: field required")
+        new = body_field(body, "new_version", (str,), None)
+        if body_field(body, "abort_all_requests", (bool,), True):
+            self.abort_all()
         with self._lock:
             if new.endswith(protocol.PARTIAL):  # the client opens an update
                 self._partial_names = set()
@@ -249,72 +479,45 @@ class EmbeddedServer:
                 try:
                     self.engine.check_covered(MODEL, self._partial_names)
                 except WeightUpdateError as e:
-                    raise BadRequest(f"cannot stamp {new!r}: {e}") from None
+                    raise _fail(f"Failed to update weight version: cannot stamp {new!r}: {e}"
+                                ) from None
                 self._partial_names = None
             self.weight_version = new
-        return {"success": True, "new_version": new, "message": ""}
-
-    def pause(self, _: dict) -> dict:
-        self._resumed.clear()
-        with self._lock:  # in-flight generations finish first
-            pass
-        return {"success": True}
-
-    def resume(self, _: dict) -> dict:
-        self._resumed.set()
-        return {"success": True}
+        return {"success": True, "message": f"Weight version updated to {new}",
+                "new_version": new}
 
 
-def _handler(server: EmbeddedServer):
-    routes = server.routes()
+class CannotListen(OSError):
+    """`mgrpo serve`'s address is taken (or not this host's)."""
 
-    class Handler(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
 
-        def log_message(self, *args):  # quiet: the client reports what matters
-            pass
+def load_tokenizer(model: str):
+    """The model directory's own tokenizer, or None when it has none (token ids only)."""
+    if not any(os.path.exists(os.path.join(model, f)) for f in (
+            "tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+        return None
+    try:
+        from transformers import AutoTokenizer
 
-        def _serve(self, method: str) -> None:
-            path = self.path.split("?")[0]
-            route = routes.get((method, path))
-            length = int(self.headers.get("Content-Length") or 0)
-            raw = self.rfile.read(length) if length else b""
-            if route is None:
-                return self._reply(404, {"error": {"message": f"no route {method} {path}"}})
-            try:
-                body = json.loads(raw) if raw else {}
-                return self._reply(200, route(body))
-            except (BadRequest, json.JSONDecodeError) as e:
-                return self._reply(400, {"success": False, "message": str(e),
-                                         "error": {"message": str(e)}})
-            except Exception as e:  # noqa: BLE001 - a 500 with the reason beats a dropped socket
-                return self._reply(500, {"success": False,
-                                         "message": f"{type(e).__name__}: {e}"})
-
-        def _reply(self, code: int, obj: Any) -> None:
-            data = json.dumps(obj).encode()
-            self.send_response(code)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
-
-        def do_GET(self):
-            self._serve("GET")
-
-        def do_POST(self):
-            self._serve("POST")
-
-    return Handler
+        return AutoTokenizer.from_pretrained(model, local_files_only=True)
+    except Exception:  # noqa: BLE001 - a directory without a usable tokenizer serves ids
+        return None
 
 
 def serve(model: str, host: str = "127.0.0.1", port: int = 30000, dtype: str = "float32",
           weight_version: str = "default", seed: Optional[int] = None) -> None:
-    """`mgrpo serve`: load the HF model dir and serve until interrupted."""
+    """`mgrpo serve`: load the HF model dir and serve until interrupted. CannotListen when
+    the address cannot be bound (checked before the model loads)."""
+    try:  # a busy port fails now, not after loading the model
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind((host, port))
+    except OSError as e:
+        raise CannotListen(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
     engine = EmbeddedEngine.from_pretrained(model, dtype=getattr(torch, dtype), sets=(MODEL,),
                                             seed=seed, num_threads=1)
     server = EmbeddedServer(engine, host, port, model_path=model,
-                            weight_version=weight_version)
+                            weight_version=weight_version, tokenizer=load_tokenizer(model))
     print(f"mgrpo serve: {model} on {server.url}", flush=True)
     try:
         server.serve_forever()

@@ -14,9 +14,22 @@ Versions: each set's version is stamped on the servers (`policy:12`, SGLang's we
 only after every bucket arrived; every `/generate` response carries the version that made it,
 and a completion from any other version is thrown away and redone.
 
+SGLang versions: each server is asked once for `/server_info` (`version`; `/get_server_info`
+before 0.5.x renamed it). From 0.5.23 (`protocol.SESSION_SINCE`) tensor and distributed loads
+run inside `/begin_weight_update` ... `/end_weight_update`, as 0.5.23 requires; the held weight
+version is read from `/model_info` (`/get_weight_version` where a server lacks it);
+`/flush_cache` answers text and 400 while requests run, and is retried until it succeeds, since
+a prefix cache filled by the old weights must never serve the new ones.
+
+Memory: with `release_memory` (swap placement, servers colocated on the training GPUs),
+`release_memory()` hands the servers' weights and KV cache back before training
+(`/release_memory_occupation`); the next load resumes them first (`/resume_memory_occupation`)
+and then loads the weights, which the release dropped.
+
 Faults: a request that gets no answer in `request_timeout_s` (a dead or hung server) marks the
 server failed. One we launched is killed and started again on its port, then given the current
-weights from the staged copy; one we attached to is probed and dropped if it does not answer.
+weights from the staged copy; one we attached to is told to drop its requests
+(`/abort_request`), probed, and dropped if it does not answer.
 Its requests go back on the queue for any server (at most `max_retries` times each). A call
 either returns every completion or raises `RolloutError`: never a partial batch. A weight
 update that fails is retried from the staged copy (restarting the server at fault) up to
@@ -28,16 +41,18 @@ from __future__ import annotations
 
 import collections
 import threading
+import time
 from typing import Callable, Dict, Iterable, List, Optional, Sequence
 
 from megatron_mgrpo.rollout import protocol
 from megatron_mgrpo.rollout.base import (WEIGHT_SETS, Bucket, Completion, RolloutEngine,
-                                         SamplingParams, WeightsNotReadyError, WeightUpdateError,
-                                         check_weight_set)
+                                         RolloutError, SamplingParams, WeightsNotReadyError,
+                                         WeightUpdateError, check_weight_set)
 from megatron_mgrpo.rollout.embedded import stream_seeds
 from megatron_mgrpo.rollout.servers import Server, ServerError
 from megatron_mgrpo.rollout.transports import PushFailed, Transport, _each
-from megatron_mgrpo.rollout.base import RolloutError  # noqa: E402,F401 (raised here; re-exported)
+
+__all__ = ["RolloutError", "SGLangEngine", "make_sglang_engine"]
 
 
 class SGLangEngine(RolloutEngine):
@@ -45,11 +60,13 @@ class SGLangEngine(RolloutEngine):
                  host_copy: bool = True, request_timeout_s: float = 600.0,
                  max_retries: int = 2, max_prompts_per_request: int = 64,
                  launch_timeout_s: float = 600.0, send_seeds: bool = True,
-                 log: Callable[[str], None] = print):
+                 release_memory: bool = False, log: Callable[[str], None] = print):
         """groups: the servers of each weight set; the same list object for both sets means
         the swap placement. host_copy: keep each set's last update in host memory (always
         so for swap; for separate it lets a restarted server be brought up to date at once
-        rather than at the next update). send_seeds: pass each completion's sampling_seed."""
+        rather than at the next update). send_seeds: pass each completion's sampling_seed.
+        release_memory: `release_memory()` releases the servers' GPU memory (swap placement
+        only: each load then brings the weights back)."""
         if set(groups) != set(WEIGHT_SETS) or not groups["policy"]:
             raise ValueError("SGLangEngine needs servers for 'policy' and 'momentum'")
         self.groups = groups
@@ -62,6 +79,10 @@ class SGLangEngine(RolloutEngine):
         self.launch_timeout_s = launch_timeout_s
         self.send_seeds = send_seeds
         self.log = log
+        if release_memory and self.placement != "swap":
+            raise ValueError("release_memory needs the swap placement (every generate is "
+                             "preceded by a load from the staged copy)")
+        self.release_memory_enabled = release_memory
         self._version: Dict[str, Optional[int]] = {m: None for m in WEIGHT_SETS}
         self._broken: Dict[str, Optional[str]] = {m: None for m in WEIGHT_SETS}
         self._staged: Dict[str, object] = {m: None for m in WEIGHT_SETS}
@@ -82,10 +103,42 @@ class SGLangEngine(RolloutEngine):
         return out
 
     def _introduce(self, s: Server) -> None:
-        info = s.call("/get_server_info", timeout=self.request_timeout_s)
+        """Learn the server's SGLang version, TP size and the weights it holds."""
+        s.log = self.log
+        try:
+            info = s.call("/server_info", timeout=self.request_timeout_s)
+        except ServerError as e:
+            if e.status != 404:
+                raise
+            info = s.call("/get_server_info", timeout=self.request_timeout_s)
+        if not isinstance(info, dict):
+            raise RolloutError(f"{s.url}/server_info: not an SGLang server info object: "
+                               f"{str(info)[:100]!r}")
+        s.version = protocol.parse_version(info.get("version"))
         s.tp_size = int(info.get("tp_size") or 1)
-        s.holds = s.call("/get_weight_version", timeout=self.request_timeout_s).get(
-            "weight_version")
+        s.released = False
+        s.holds = self._held(s)
+
+    def _held(self, s: Server, timeout: Optional[float] = None) -> Optional[str]:
+        """The weight version the server reports: /model_info's (0.5.23), else
+        /get_weight_version's (older SGLang)."""
+        timeout = timeout or self.request_timeout_s
+        try:
+            info = s.call("/model_info", timeout=timeout)
+            if isinstance(info, dict) and "weight_version" in info:
+                return info["weight_version"]
+        except ServerError as e:
+            if e.status != 404:
+                raise
+        return s.call("/get_weight_version", timeout=timeout).get("weight_version")
+
+    def _abort(self, s: Server) -> None:
+        """Best effort: drop every request the server still runs (a stalled request we gave
+        up on must not keep the server busy)."""
+        try:
+            s.call("/abort_request", protocol.abort_request(), timeout=10.0)
+        except ServerError:
+            pass
 
     def _live(self, model: str) -> List[Server]:
         live = [s for s in self.groups[model] if s.alive]
@@ -101,7 +154,7 @@ class SGLangEngine(RolloutEngine):
         if s.process is not None:
             self.log(f"rollout: {s.url} failed ({why}); restarting it")
             self.stats["restarts"] += 1
-            s.process.stop()
+            s.process.stop(grace=0)
             try:
                 s.process.start()
                 s.wait_healthy(self.launch_timeout_s)
@@ -109,17 +162,22 @@ class SGLangEngine(RolloutEngine):
                 return
             except (ServerError, OSError) as e:
                 why = e
-        elif s.healthy():
-            return
+        else:
+            self._abort(s)
+            if s.healthy():
+                return
         self.log(f"rollout: dropping {s.url} ({why})")
         self.stats["dropped"] += 1
         s.alive = False
 
     def close(self) -> None:
-        self.transport.close()
-        for s in self._servers():
-            if s.process is not None:
-                s.process.stop()
+        """Leave the transport's groups; kill every server we launched (its process group)."""
+        try:
+            self.transport.close()
+        finally:
+            for s in self._servers():
+                if s.process is not None:
+                    s.process.stop()
 
     # ---- weights ----------------------------------------------------------------------------
 
@@ -146,18 +204,29 @@ class SGLangEngine(RolloutEngine):
         self._broken[model] = None
 
     def _push(self, servers: Sequence[Server], source, tag: str) -> None:
-        """Mark the servers partial, send, confirm, check: afterwards each holds `tag`."""
+        """Mark the servers partial, send, confirm, check: afterwards each holds `tag`.
+        Tensor and distributed loads run inside a weight-update session where the server's
+        SGLang requires one (0.5.23)."""
+        session = self.transport.needs_session
+        timeout = self.transport.timeout_s
+
         def begin(s):
             s.holds = None
+            if s.released:
+                s.call("/resume_memory_occupation", protocol.memory_request(), timeout)
+                s.released = False
             _optional(s, "/pause_generation")
+            if session and s.version >= protocol.SESSION_SINCE:
+                _open_session(s, timeout)
             s.call("/update_weight_version", protocol.version_request(tag + protocol.PARTIAL))
 
         def confirm(s):
-            s.call("/update_weight_version", protocol.version_request(tag),
-                   self.transport.timeout_s)
-            _optional(s, "/flush_cache")
+            if session and s.version >= protocol.SESSION_SINCE:
+                s.call("/end_weight_update", {}, timeout)
+            s.call("/update_weight_version", protocol.version_request(tag), timeout)
+            _flush(s, timeout, self.log)
             _optional(s, "/continue_generation")
-            got = s.call("/get_weight_version").get("weight_version")
+            got = self._held(s, timeout)
             if got != tag:
                 raise WeightUpdateError(f"{s.url} reports weight version {got!r} after the "
                                         f"update to {tag!r}")
@@ -167,6 +236,25 @@ class SGLangEngine(RolloutEngine):
         self.transport.send(servers, source, tag)
         _each(servers, confirm)
         self.stats["loads"] += len(servers)
+
+    def release_memory(self) -> None:
+        """Hand the servers' GPU memory (weights, KV cache, CUDA graphs) back for training;
+        the next load resumes it and loads the weights again. A no-op unless the engine was
+        made with release_memory=True."""
+        if not self.release_memory_enabled:
+            return
+
+        def release(s):
+            if not s.released:
+                s.call("/release_memory_occupation", protocol.memory_request(),
+                       self.request_timeout_s)
+                s.released, s.holds = True, None
+
+        try:
+            _each([s for s in self.groups["policy"] if s.alive], release)
+        except PushFailed as e:
+            self._recover(e.server, e)
+        self.stats["releases"] += 1
 
     def _sync(self, model: str, tag: str, servers: Optional[Sequence[Server]] = None) -> None:
         """Bring the servers (default: the set's whole group) to `tag` from the staged copy,
@@ -286,6 +374,9 @@ class SGLangEngine(RolloutEngine):
         for t in threads:
             t.join()
         if fatal:
+            for s in servers:
+                if s.alive:
+                    self._abort(s)
             raise fatal[0]
         missing = sum(c is None for c in out)
         if missing:
@@ -296,6 +387,42 @@ class SGLangEngine(RolloutEngine):
 
 class _Stale(RuntimeError):
     """A server answered with weights other than the set's current version."""
+
+
+def _open_session(s: Server, timeout: float) -> None:
+    """/begin_weight_update; a session left open by a push that broke off is closed first."""
+    try:
+        s.call("/begin_weight_update", protocol.session_request(), timeout)
+    except ServerError as e:
+        if e.status != 400 or "already open" not in str(e):
+            raise
+        s.call("/end_weight_update", {}, timeout)
+        s.call("/begin_weight_update", protocol.session_request(), timeout)
+
+
+def _flush(s: Server, timeout: float, log: Callable[[str], None]) -> None:
+    """/flush_cache until it succeeds: SGLang answers 400 while requests run, and a prefix
+    cache filled by the old weights must not serve the new ones. 404: a server without one."""
+    start = time.monotonic()
+    said = start
+    while True:
+        try:
+            s.call("/flush_cache", {}, timeout)
+            return
+        except ServerError as e:
+            if e.status in (404, 405):
+                return
+            if e.status != 400:
+                raise
+            now = time.monotonic()
+            if now - start > timeout:
+                raise WeightUpdateError(f"{s.url}/flush_cache: refused for {timeout:.0f} s "
+                                        f"(requests still running?): {e}") from None
+            if now - said > 20:
+                said = now
+                log(f"rollout: {s.url}/flush_cache refused while requests run; retrying "
+                    f"({now - start:.0f} s of {timeout:.0f} s)")
+            time.sleep(0.2)
 
 
 def _optional(s: Server, path: str) -> None:
@@ -325,10 +452,11 @@ def make_sglang_engine(g, model_path: str, bucket_bytes: int, run_dir: str,
         count = g.launch * (2 if g.placement == "separate" else 1)
         log(f"rollout: launching {count} server(s): {g.launch_command}")
         servers = launch(g.launch_command, count, g.host, g.base_port, model_path,
-                         os.path.join(run_dir, "server_logs"), g.launch_timeout_s)
+                         os.path.join(run_dir, "server_logs"), g.launch_timeout_s, log)
         policy, momentum = servers[:g.launch], servers[g.launch:]
     else:
-        policy, momentum = [Server(u) for u in g.urls], [Server(u) for u in g.momentum_urls]
+        policy = [Server(u, log=log) for u in g.urls]
+        momentum = [Server(u, log=log) for u in g.momentum_urls]
         for s in policy + momentum:
             s.wait_healthy(g.launch_timeout_s)
     groups = {"policy": policy, "momentum": momentum if g.placement == "separate" else policy}
@@ -337,8 +465,16 @@ def make_sglang_engine(g, model_path: str, bucket_bytes: int, run_dir: str,
     transport = make_transport(g.transport, bucket_bytes,
                                g.disk_dir or os.path.join(run_dir, "pushed_weights"),
                                hf_config, backend, g.dist_master_address, g.request_timeout_s)
-    return SGLangEngine(groups, transport, host_copy=g.host_copy,
-                        request_timeout_s=g.request_timeout_s, max_retries=g.max_retries,
-                        max_prompts_per_request=g.max_prompts_per_request,
-                        launch_timeout_s=g.launch_timeout_s, log=log)
+    try:
+        return SGLangEngine(groups, transport, host_copy=g.host_copy,
+                            request_timeout_s=g.request_timeout_s, max_retries=g.max_retries,
+                            max_prompts_per_request=g.max_prompts_per_request,
+                            launch_timeout_s=g.launch_timeout_s,
+                            release_memory=bool(getattr(g, "release_memory", False)),
+                            log=log)
+    except BaseException:
+        for s in policy + momentum:
+            if s.process is not None:
+                s.process.stop(grace=0)
+        raise
 

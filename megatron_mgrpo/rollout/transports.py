@@ -1,7 +1,10 @@
 """How weights reach SGLang servers, one small class per SGLang RL endpoint.
 
 - `TensorTransport` (colocated servers): each bucket serialized once as CUDA IPC handles (GPU)
-  or shared-memory names (CPU), POSTed to `/update_weights_from_tensor` of every server.
+  or shared-memory names (CPU), POSTed to `/update_weights_from_tensor` of every server. By
+  default as one flattened bucket (`load_format: "flattened_bucket"`, SGLang's
+  `FlattenedTensorBucket` layout: one uint8 tensor and a metadata record per tensor), so a push
+  costs one IPC handle and a few small objects per bucket instead of one per tensor.
 - `DistributedTransport` (servers elsewhere): one process group of the trainer (rank 0) and
   every server's ranks, made through `/init_weights_update_group`; per bucket a POST to
   `/update_weights_from_distributed` with names, dtypes and shapes, then one broadcast per
@@ -80,6 +83,9 @@ def _each(servers: Sequence[Server], fn) -> None:
 
 class Transport:
     name = ""
+    needs_session = False
+    """SGLang 0.5.23 takes this transport's loads only inside /begin_weight_update ...
+    /end_weight_update."""
 
     def __init__(self, timeout_s: float = 600.0):
         self.timeout_s = timeout_s
@@ -102,14 +108,27 @@ class Transport:
 
 class TensorTransport(Transport):
     name = "tensor"
+    needs_session = True
+
+    def __init__(self, timeout_s: float = 600.0, flattened: bool = True):
+        super().__init__(timeout_s)
+        self.flattened = flattened
+        """One flattened bucket per request (False: a list of (name, tensor) pairs)."""
 
     def send(self, servers, source, tag):
         partial = tag + protocol.PARTIAL
+        fmt = "flattened_bucket" if self.flattened else None
         for bucket in source:
-            payload = protocol.serialize_named_tensors(bucket)  # once for every server
+            if not bucket:
+                continue
+            if self.flattened:  # `flat` holds the shared memory until every server copied it
+                flat = protocol.flatten_bucket(bucket)
+                payload = protocol.serialize_flattened_bucket(flat)
+            else:
+                payload = protocol.serialize_named_tensors(bucket)  # once for all servers
             _each(servers, lambda s: s.call("/update_weights_from_tensor",
-                                            protocol.tensor_update_request(payload, s.tp_size,
-                                                                           partial),
+                                            protocol.tensor_update_request(
+                                                payload, s.tp_size, partial, fmt),
                                             self.timeout_s))
 
 
@@ -163,6 +182,7 @@ class DiskTransport(Transport):
 
 class DistributedTransport(Transport):
     name = "distributed"
+    needs_session = True
 
     def __init__(self, backend: str = "nccl", master_address: str = "127.0.0.1",
                  timeout_s: float = 600.0):
@@ -289,9 +309,10 @@ class DistributedTransport(Transport):
 
 def make_transport(kind: str, bucket_bytes: int, directory: str = "",
                    hf_config: Optional[dict] = None, backend: str = "nccl",
-                   master_address: str = "127.0.0.1", timeout_s: float = 600.0) -> Transport:
+                   master_address: str = "127.0.0.1", timeout_s: float = 600.0,
+                   flattened: bool = True) -> Transport:
     if kind == "tensor":
-        return TensorTransport(timeout_s)
+        return TensorTransport(timeout_s, flattened)
     if kind == "disk":
         return DiskTransport(directory, bucket_bytes, hf_config, timeout_s)
     if kind == "distributed":
