@@ -21,7 +21,8 @@ emptied; any other non-empty one is refused), with this interpreter, so no venv 
    `tools/plot_sweep.py`; each cell's validation pass@1 at step 0 and at its last step.
 
 Then it replaces the text between `<!-- figures:NAME -->` and `<!-- /figures:NAME -->` in the
-README (NAME: demo, sweep) with the figures, the date, the commit and this command.
+README (NAME: demo, sweep) with the figures, the date, the commit and this command. Relative
+paths are from the repository root.
 """
 
 from __future__ import annotations
@@ -129,7 +130,7 @@ def render_demo(fig: Dict[str, Any], run: Dict[str, Any], provenance: str) -> st
         + (f", {fmt_duration(run['warmup_s'] + run['train_s'])} in all"
            if run.get("warmup_s") is not None else "") + ":",
         "",
-        f"| | base (step 0) | after {n} M-GRPO steps |",
+        f"| | base (step 0) | after {n} {run.get('method', 'M-GRPO')} steps |",
         "| --- | --- | --- |",
         f"| validation pass@1 (mean of {run['eval_samples']} samples at T = "
         f"{run['temperature']:g}, {run['val_prompts']} prompts) | {f3(fig['base_pass1'])} | "
@@ -272,6 +273,8 @@ def measure_demo(args, out: str) -> Dict[str, Any]:
     cfg = _yaml(os.path.join(run_dir, "config.yaml"))
     run["eval_samples"] = cfg["training"]["eval_samples"]
     run["temperature"] = cfg["rollout"]["temperature"]
+    mode = cfg["algorithm"]["mode"]
+    run["method"] = {"mgrpo": "M-GRPO"}.get(mode, mode.upper())
     run["val_prompts"] = len(_read_jsonl(os.path.join(base, "data", "val.jsonl")))
     with open(os.path.join(base, "base_eval.json")) as f:
         base_eval = json.load(f)
@@ -336,13 +339,17 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     command = shlex.join(["python", "tools/readme_figures.py",
                           *(sys.argv[1:] if argv is None else argv)])
-    readme = os.path.join(REPO, args.readme) if not os.path.isabs(args.readme) else args.readme
+    os.chdir(REPO)  # relative paths (and the defaults) are from the repository root
+    readme = os.path.abspath(args.readme)
     try:
         with open(readme) as f:
             text = f.read()
         for name in ["demo"] + ([] if args.no_sweep else ["sweep"]):
             replace_block(text, name, "")  # fail on a missing block before hours of work
-        out = os.path.abspath(os.path.join(REPO, args.out))
+        out = os.path.abspath(args.out)
+        if args.base and os.path.abspath(args.base).startswith(out + os.sep):
+            raise FiguresError(f"--base {args.base} lies inside --out {args.out}, which is "
+                               "emptied first; copy it elsewhere or give another --out")
         _fresh(out)
         machine, commit = _machine(), _commit()
         date = datetime.date.today().isoformat()
