@@ -106,7 +106,8 @@ def demo_figures(rows: List[Dict[str, Any]], base_eval: Dict[str, Any]) -> Dict[
         "final_pass1": last["val_accuracy"], "final_maj": last.get("val_maj"),
         "final_step": last["step"],
         "peak_pass1": peak["val_accuracy"], "peak_step": peak["step"],
-        "reward_first": trained[0].get("reward_mean"), "reward_last": trained[-1].get("reward_mean"),
+        "reward_first": trained[0].get("reward_mean"),
+        "reward_last": trained[-1].get("reward_mean"),
         "entropy_first": trained[0].get("entropy_mean"),
         "entropy_last": trained[-1].get("entropy_mean"),
         "pseudo_label_range": _range_pct(plabel) if plabel else None,
@@ -205,7 +206,8 @@ def _machine() -> str:
         pass
     bf16 = "native bf16" if flags & {"avx512_bf16", "amx_bf16", "bf16"} else "no native bf16"
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    return f"{cpus} CPUs{', ' + model if model else ''}, {bf16}, load average {load:.1f} at the start"
+    name = f", {model}" if model else ""
+    return f"{cpus} CPUs{name}, {bf16}, load average {load:.1f} at the start"
 
 
 def _commit() -> str:
