@@ -1,6 +1,7 @@
 # Two commands do all the set-up on a fresh machine:
 #   make train   - creates .venv, installs, builds the warm-up base, runs the tiny CPU M-GRPO job
 #   make test    - creates .venv, installs, runs the test suite
+#   make readme-figures - measures the README's demo and sweep figures again and rewrites them
 PYTHON ?= python3
 VENV ?= .venv
 # The CPU wheel on machines without a GPU; on a cluster set TORCH_SPEC to your CUDA build.
@@ -10,7 +11,7 @@ BASE ?= runs/tiny_base
 ARGS ?=
 PY := $(VENV)/bin/python
 
-.PHONY: install train test test-sglang smoke clean
+.PHONY: install train test test-sglang smoke readme-figures clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -50,6 +51,11 @@ $(SGLANG_VENV)/.installed: pyproject.toml
 
 test-sglang: $(SGLANG_VENV)/.installed
 	$(SGLANG_VENV)/bin/python -m pytest -q $(SGLANG_TESTS) $(ARGS)
+
+# A fresh warm-up base and demo run (and the sweep) under runs/readme_figures, timed; rewrites
+# the README's <!-- figures:... --> blocks. ARGS go to tools/readme_figures.py (--help).
+readme-figures: install
+	$(PY) tools/readme_figures.py $(ARGS)
 
 clean:
 	rm -rf $(VENV) $(SGLANG_VENV) runs .pytest_cache

@@ -137,8 +137,8 @@ def _sync() -> None:
 
 def cpu_has_bf16() -> bool:
     """Whether this CPU computes bf16 natively (x86 AVX512-BF16 or AMX, Arm's bf16): without
-    it torch emulates bf16 matmuls, orders of magnitude slower than fp32 (a 2048 GEMM took
-    over 6 minutes on an AVX2-only machine), and a bf16 figure would time the emulation."""
+    it torch emulates bf16 matmuls, many times slower than fp32 (benchmarks/README.md has the
+    measurement), and a bf16 figure would time the emulation."""
     try:
         with open("/proc/cpuinfo") as f:
             flags = set(f.read().split())

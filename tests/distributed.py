@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import time
 import traceback
 import warnings
 
@@ -15,6 +16,7 @@ import torch
 import torch.multiprocessing as mp
 
 from megatron_mgrpo.parallel import free_port
+from tests import DEADLOCK_GUARD_S
 
 
 def _entry(fn, rank, world_size, port, out_dir, args):
@@ -35,8 +37,9 @@ def _entry(fn, rank, world_size, port, out_dir, args):
         destroy_parallel()
 
 
-def run_workers(fn, world_size: int, *args, timeout_s: float = 300.0) -> list:
-    """Run fn(*args) on `world_size` spawned ranks; return their results in rank order."""
+def run_workers(fn, world_size: int, *args, timeout_s: float = DEADLOCK_GUARD_S) -> list:
+    """Run fn(*args) on `world_size` spawned ranks; return their results in rank order.
+    `timeout_s` only catches a deadlock (all ranks together), not a slow machine."""
     ctx = mp.get_context("spawn")
     port = free_port()
     with tempfile.TemporaryDirectory() as out_dir:
@@ -44,8 +47,9 @@ def run_workers(fn, world_size: int, *args, timeout_s: float = 300.0) -> list:
                  for r in range(world_size)]
         for p in procs:
             p.start()
+        deadline = time.monotonic() + timeout_s
         for p in procs:
-            p.join(timeout_s)
+            p.join(max(0.0, deadline - time.monotonic()))
         hung = [r for r, p in enumerate(procs) if p.is_alive()]
         for p in procs:
             if p.is_alive():

@@ -18,6 +18,7 @@ import yaml
 
 from megatron_mgrpo import cli
 from megatron_mgrpo.config import Config, ConfigError, dump_config, load_config
+from tests import DEADLOCK_GUARD_S
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(ROOT, "examples/tiny/config.yaml")
@@ -279,7 +280,7 @@ print(rc, *heavy)
 ])
 def test_config_errors_come_before_torch_and_megatron_are_imported(argv, tmp_path):
     done = subprocess.run([sys.executable, "-c", PROBE, *argv], capture_output=True, text=True,
-                          cwd=str(tmp_path), timeout=300,
+                          cwd=str(tmp_path), timeout=DEADLOCK_GUARD_S,
                           env=dict(os.environ, PYTHONPATH=ROOT))
     assert done.stdout.split() == ["2"], (done.stdout, done.stderr)
     assert done.stderr.startswith("mgrpo: config error: ") and done.stderr.count("\n") == 1

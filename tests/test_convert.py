@@ -17,6 +17,7 @@ import sys
 import pytest
 import torch
 
+from tests import DEADLOCK_GUARD_S
 from tests.distributed import run_workers
 from tests.test_hf_reference import ARCHS, hf_model
 
@@ -41,7 +42,7 @@ def megatron_to_hf(src, out, model="policy", dtype=torch.float32, shard_bytes=5 
 
 def tool(name, *args):
     return subprocess.run([sys.executable, os.path.join(ROOT, "tools", name), *args],
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=DEADLOCK_GUARD_S)
 
 
 @pytest.fixture(scope="module")

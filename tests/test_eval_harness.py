@@ -19,6 +19,7 @@ from megatron_mgrpo.evaluation.harness import (flat_metrics, format_table, load_
                                                run_benchmarks, save_results)
 from megatron_mgrpo.rewards import math_equivalent
 from megatron_mgrpo.rollout.base import Completion, RolloutEngine
+from tests import DEADLOCK_GUARD_S
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -389,7 +390,7 @@ def test_eval_config_is_checked():
 
 def mgrpo(*args):
     return subprocess.run([sys.executable, "-m", "megatron_mgrpo.cli", *args],
-                          capture_output=True, text=True, cwd=ROOT, timeout=300)
+                          capture_output=True, text=True, cwd=ROOT, timeout=DEADLOCK_GUARD_S)
 
 
 @pytest.fixture(scope="module")

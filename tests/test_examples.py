@@ -19,6 +19,7 @@ import pytest
 
 from tests.distributed import run_workers
 from tests.test_eval_harness import MATH500, data_dir, model_dir, tokenizer  # noqa: F401 fixtures
+from tests import DEADLOCK_GUARD_S
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAINING = ["examples/qwen3_4b_base.yaml", "examples/llama3_8b.yaml",
@@ -143,7 +144,7 @@ def test_the_eval_config_scores_an_hf_model(cfg_path, model_dir, data_dir, tmp_p
          "--eval.data_dir", data_dir, "--eval.paths",
          "{gpqa: " + os.path.join(data_dir, "gpqa_diamond.csv") + "}",
          "--eval.max_new_tokens", "8", "--eval.output_dir", str(tmp_path)],
-        capture_output=True, text=True, cwd=ROOT, timeout=600)
+        capture_output=True, text=True, cwd=ROOT, timeout=DEADLOCK_GUARD_S)
     assert done.returncode == 0, done.stderr[-3000:]
     with open(os.path.join(str(tmp_path), os.path.basename(model_dir) + ".json")) as f:
         scored = json.load(f)["benchmarks"]

@@ -9,6 +9,7 @@ import sys
 import pytest
 
 from megatron_mgrpo.config import ConfigError, load_config
+from tests import DEADLOCK_GUARD_S
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -43,7 +44,7 @@ def test_fp8_on_a_machine_without_fp8_is_one_clear_line():
     run = subprocess.run([sys.executable, "-m", "megatron_mgrpo.cli", "smoke",
                           os.path.join(ROOT, "examples/tiny/smoke.yaml"), "--model.fp8", "e4m3",
                           "--model.params_dtype", "bf16", "--training.steps", "1"],
-                         capture_output=True, text=True, timeout=300, cwd=ROOT)
+                         capture_output=True, text=True, timeout=DEADLOCK_GUARD_S, cwd=ROOT)
     assert run.returncode == 2, run.stderr
     assert "config error: model.fp8: got 'e4m3'; accepted here: null (FP8 needs a CUDA GPU" \
         in run.stderr

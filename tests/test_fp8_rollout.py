@@ -18,6 +18,7 @@ from megatron_mgrpo.weights import fp8
 from megatron_mgrpo.weights.hf_io import HFCheckpoint
 from tests.test_hf_reference import hf_model
 from tests.test_sglang_backend import CFG, KW, PARAMS, PROMPTS, SERVE, assert_same, make_engine
+from tests import DEADLOCK_GUARD_S
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 E4M3 = torch.float8_e4m3fn
@@ -130,7 +131,7 @@ def test_fp8_checkpoint_written_and_served(model_dir, tmp_path):
     out = str(tmp_path / "fp8")
     run = subprocess.run([sys.executable, "tools/quantize_fp8.py", "--src", model_dir, "--out",
                           out, "--block-size", "32"], capture_output=True, text=True, cwd=ROOT,
-                         timeout=300)
+                         timeout=DEADLOCK_GUARD_S)
     assert run.returncode == 0, run.stderr
     assert "14 of 26 tensors in FP8" in run.stdout  # 2 layers x 7 projections; biases stay
     with open(os.path.join(out, "config.json")) as f:
@@ -153,11 +154,12 @@ def test_fp8_checkpoint_written_and_served(model_dir, tmp_path):
     # refused: writing over it, quantising it again
     again = subprocess.run([sys.executable, "tools/quantize_fp8.py", "--src", out, "--out",
                             str(tmp_path / "fp8b")], capture_output=True, text=True, cwd=ROOT,
-                           timeout=300)
+                           timeout=DEADLOCK_GUARD_S)
     assert again.returncode == 2 and "already an FP8 checkpoint" in again.stderr
     assert "Traceback" not in again.stderr
     exists = subprocess.run([sys.executable, "tools/quantize_fp8.py", "--src", model_dir,
-                             "--out", out], capture_output=True, text=True, cwd=ROOT, timeout=300)
+                             "--out", out], capture_output=True, text=True, cwd=ROOT,
+                             timeout=DEADLOCK_GUARD_S)
     assert exists.returncode == 2 and "pass --force" in exists.stderr
 
 
@@ -192,10 +194,13 @@ def test_fp8_update_over_a_broadcast_group_to_a_launched_server(model_dir, tmp_p
     from megatron_mgrpo.rollout.transports import make_transport
 
     named = list(hf_model(KW, seed=6).state_dict().items())
-    servers = launch(SERVE, 1, "127.0.0.1", 0, model_dir, str(tmp_path / "logs"), 120)
+    servers = launch(SERVE, 1, "127.0.0.1", 0, model_dir, str(tmp_path / "logs"),
+                     DEADLOCK_GUARD_S)
     engine = SGLangEngine({"policy": servers, "momentum": servers},
-                          make_transport("distributed", 1 << 20, backend="gloo", timeout_s=60),
-                          request_timeout_s=60, launch_timeout_s=120, log=lambda _: None)
+                          make_transport("distributed", 1 << 20, backend="gloo",
+                                         timeout_s=DEADLOCK_GUARD_S),
+                          request_timeout_s=DEADLOCK_GUARD_S, launch_timeout_s=DEADLOCK_GUARD_S,
+                          log=lambda _: None)
     try:
         engine.update_weights("policy", _fp8_buckets(named, 0, 4), version=3)
         reference = EmbeddedEngine(CFG)

@@ -11,6 +11,7 @@ import pytest
 from megatron_mgrpo.config import load_config
 from megatron_mgrpo.config.schema import ModelConfig
 from megatron_mgrpo.plan import GIB, OVERHEAD_GIB, count_parameters, plan_memory
+from tests import DEADLOCK_GUARD_S
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -140,7 +141,7 @@ def test_virtual_pipeline_and_context_parallel_by_hand():
 
 def plan_cli(*args):
     return subprocess.run([sys.executable, "-m", "megatron_mgrpo.cli", "plan", *args],
-                          capture_output=True, text=True, cwd=ROOT, timeout=120)
+                          capture_output=True, text=True, cwd=ROOT, timeout=DEADLOCK_GUARD_S)
 
 
 def test_fp8_rollout_weights_by_hand():

@@ -17,6 +17,7 @@ import pytest
 
 from megatron_mgrpo.rewards import sandbox
 from megatron_mgrpo.rewards.sandbox import SandboxLimits, run_python, run_tests, same_output
+from tests import DEADLOCK_GUARD_S
 
 
 def _leftovers(workdir):
@@ -328,7 +329,7 @@ def test_unprivileged_paths_contain_the_same_programs(listener, namespaces):
     try:
         done = subprocess.run([python, "-I", "-c", driver], user=_NOBODY, group=_NOBODY,
                               extra_groups=[], cwd="/", capture_output=True, text=True,
-                              timeout=60)
+                              timeout=DEADLOCK_GUARD_S)
         assert done.returncode == 0, done.stderr
         out = json.loads(done.stdout)
         assert out["bomb"][0] in ("error", "timeout")

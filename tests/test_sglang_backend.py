@@ -24,6 +24,7 @@ from megatron_mgrpo.rollout.server import EmbeddedServer
 from megatron_mgrpo.rollout.servers import Server, launch
 from megatron_mgrpo.rollout.sglang_engine import RolloutError, SGLangEngine
 from megatron_mgrpo.rollout.transports import make_transport
+from tests import DEADLOCK_GUARD_S
 from tests.test_hf_reference import hf_model
 
 KW = dict(architecture="qwen2", vocab_size=40, hidden_size=64, intermediate_size=96,
@@ -356,7 +357,7 @@ def test_tensor_payload_read_by_sglang_deserializer(tmp_path):
              "torch.save([(n, t.clone()) for n, t in named], sys.argv[1])\n")
     out = tmp_path / "named.pt"
     subprocess.run([sys.executable, "-c", child, str(out)], input=payload, text=True,
-                   check=True, cwd=ROOT, timeout=300)
+                   check=True, cwd=ROOT, timeout=DEADLOCK_GUARD_S)
     got = torch.load(out)
     assert [n for n, _ in got] == [n for n, _ in named]
     for (_, a), (_, b) in zip(got, named):

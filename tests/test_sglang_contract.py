@@ -36,6 +36,7 @@ from megatron_mgrpo.rollout.servers import Server, ServerError
 from megatron_mgrpo.rollout.sglang_engine import SGLangEngine
 from megatron_mgrpo.rollout.transports import make_transport
 from tests.test_hf_reference import hf_model
+from tests import DEADLOCK_GUARD_S
 
 KW = dict(architecture="qwen2", vocab_size=40, hidden_size=64, intermediate_size=96,
           num_layers=2, num_attention_heads=4, num_key_value_heads=2, rope_theta=10000.0,
@@ -440,7 +441,7 @@ def test_serve_on_a_busy_port_is_one_line_and_exit_2(model_dir):
     try:
         proc = subprocess.run([sys.executable, "-m", "megatron_mgrpo.cli", "serve", "--model",
                                model_dir, "--port", str(busy.getsockname()[1])],
-                              capture_output=True, text=True, timeout=120,
+                              capture_output=True, text=True, timeout=DEADLOCK_GUARD_S,
                               cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     finally:
         busy.close()
@@ -497,7 +498,7 @@ def test_launched_servers_and_their_children_never_outlive_the_trainer(tmp_path)
                f"while not os.path.exists({str(tmp_path / 'b.pid')!r}): time.sleep(0.05)\n"
                "time.sleep(0.2)\n")
     out = subprocess.run([sys.executable, "-c", trainer], capture_output=True, text=True,
-                         timeout=120, env={**os.environ, "PYTHONPATH": os.pathsep.join(
+                         timeout=DEADLOCK_GUARD_S, env={**os.environ, "PYTHONPATH": os.pathsep.join(
                              sys.path)})
     assert out.returncode == 0, out.stderr
     server_pid = int(out.stdout.split()[0])

@@ -9,6 +9,7 @@ import torch
 
 from tests.distributed import run_workers
 from tests.test_parallel_equivalence import make_batch, pg_loss
+from tests import DEADLOCK_GUARD_S
 
 
 # ---- AdamEMA against torch.optim.AdamW -----------------------------------------------------
@@ -230,7 +231,7 @@ def test_triton_kernel_matches_the_foreach_path_under_the_interpreter():
     pytest.importorskip("triton")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     r = subprocess.run([sys.executable, "-c", _TRITON_CHECK], capture_output=True, text=True,
-                       cwd=root, timeout=300,
+                       cwd=root, timeout=DEADLOCK_GUARD_S,
                        env=dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=root))
     assert r.returncode == 0, r.stderr
     got = json.loads(r.stdout.strip().splitlines()[-1])

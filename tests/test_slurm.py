@@ -15,6 +15,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests import DEADLOCK_GUARD_S
+
 REPO = Path(__file__).resolve().parents[1]
 SLURM = REPO / "slurm"
 SCRIPTS = sorted(SLURM.glob("*.sh"))
@@ -38,7 +40,7 @@ def _env(**extra) -> dict:
 
 def _run(script: str, *args, **env) -> subprocess.CompletedProcess:
     return subprocess.run([BASH, str(SLURM / script), *args], env=_env(**env),
-                          capture_output=True, text=True, timeout=60, cwd=REPO)
+                          capture_output=True, text=True, timeout=DEADLOCK_GUARD_S, cwd=REPO)
 
 
 def _commands(out: str):
@@ -85,7 +87,7 @@ def test_shellcheck_passes():
                                          "mgrpo_smoke.sh"}
     # -x follows `source` (the entry scripts name common.sh through source-path=SCRIPTDIR).
     proc = subprocess.run([exe, "-x", "--source-path=SCRIPTDIR", *map(str, SCRIPTS)],
-                          capture_output=True, text=True, timeout=60, cwd=REPO)
+                          capture_output=True, text=True, timeout=DEADLOCK_GUARD_S, cwd=REPO)
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
@@ -234,7 +236,7 @@ def test_bad_allocation_exits_2_with_one_line(nodelist):
 def test_hostlist_expansion(hostlist, names):
     proc = subprocess.run([BASH, "-c", 'source slurm/common.sh && mgrpo_expand_hostlist "$1"',
                            "_", hostlist], capture_output=True, text=True, cwd=REPO,
-                          env=_env(), timeout=30)
+                          env=_env(), timeout=DEADLOCK_GUARD_S)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split() == names.split()
 
@@ -249,7 +251,7 @@ def test_model_default_is_the_configs_model_load():
     for path in configs:
         proc = subprocess.run(
             [BASH, "-c", 'source slurm/common.sh && _mgrpo_model_from_config "$1"', "_",
-             str(path)], capture_output=True, text=True, cwd=REPO, env=_env(), timeout=30)
+             str(path)], capture_output=True, text=True, cwd=REPO, env=_env(), timeout=DEADLOCK_GUARD_S)
         load = yaml.safe_load(path.read_text())["model"]["load"]
         assert proc.stdout.strip() == ("" if load is None else str(load)), path
 
@@ -317,14 +319,14 @@ def test_time_limit_stops_training_and_requeues(tmp_path):
     proc = subprocess.Popen([BASH, str(SLURM / "mgrpo_8b.sh")], env=env, cwd=REPO,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.time() + 20
+        deadline = time.time() + DEADLOCK_GUARD_S
         while not _pids(log, "train"):
             assert proc.poll() is None, proc.communicate()
             assert time.time() < deadline, "training never started"
             time.sleep(0.05)
         assert not (tmp_path / "run/STOP").exists()
         proc.send_signal(signal.SIGUSR1)  # what --signal=B:USR1@600 sends
-        out, err = proc.communicate(timeout=20)
+        out, err = proc.communicate(timeout=DEADLOCK_GUARD_S)
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -343,7 +345,7 @@ def test_servers_that_never_answer(tmp_path):
     env, log = _stub_env(tmp_path, curl_rc=7)
     env["HEALTH_TIMEOUT_S"] = "1"
     proc = subprocess.run([BASH, str(SLURM / "mgrpo_8b.sh")], env=env, cwd=REPO,
-                          capture_output=True, text=True, timeout=30)
+                          capture_output=True, text=True, timeout=DEADLOCK_GUARD_S)
     assert proc.returncode == 1
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 8 and all("did not come up" in ln for ln in lines)
@@ -358,7 +360,7 @@ def test_real_run_without_model_exits_2_before_starting(tmp_path):
     env["CONFIG"] = "examples/llama3_70b.yaml"  # model.load: null
     env["SLURM_JOB_NODELIST"] = "gpu[001-012]"
     proc = subprocess.run([BASH, str(SLURM / "mgrpo_70b.sh")], env=env, cwd=REPO,
-                          capture_output=True, text=True, timeout=30)
+                          capture_output=True, text=True, timeout=DEADLOCK_GUARD_S)
     assert proc.returncode == 2
     assert proc.stderr.count("\n") == 1 and "MODEL is not set" in proc.stderr
     assert log.read_text() == "" and not (tmp_path / "run").exists()

@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from tests import DEADLOCK_GUARD_S
 
 REPO = Path(__file__).resolve().parents[1]
 SWEEP = REPO / "tools" / "sweep.py"
@@ -64,7 +65,7 @@ with open(os.path.join(run_dir, "metrics.jsonl"), "w") as f:
 
 def _run(tool, *args, cwd):
     return subprocess.run([sys.executable, str(tool), *map(str, args)], cwd=cwd,
-                          capture_output=True, text=True, timeout=60)
+                          capture_output=True, text=True, timeout=DEADLOCK_GUARD_S)
 
 
 @pytest.fixture

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from megatron_mgrpo.config.schema import ModelConfig
+from tests import DEADLOCK_GUARD_S
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "benchmarks", "train_throughput.py")
@@ -64,7 +65,7 @@ def test_out_of_memory_halves_the_micro_batch_and_keeps_the_tokens(monkeypatch):
 
 def test_tiny_run_prints_clean_json_figures():
     run = subprocess.run([sys.executable, SCRIPT, "--shape", "tiny", "--steps", "2", "--warmup",
-                          "1", "--seq-len", "64"], capture_output=True, text=True, timeout=300,
+                          "1", "--seq-len", "64"], capture_output=True, text=True, timeout=DEADLOCK_GUARD_S,
                          cwd=ROOT)
     assert run.returncode == 0, run.stderr
     assert "Traceback" not in run.stderr

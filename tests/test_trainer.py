@@ -6,6 +6,7 @@ import os
 
 import pytest
 
+from tests import DEADLOCK_GUARD_S
 from tests.distributed import run_workers
 from tests.tiny import ROOT, overrides
 
@@ -246,7 +247,7 @@ def test_bad_data_is_one_clear_line(tiny_base, tmp_path):
         args = overrides(tiny_base, str(tmp_path / "run"), 1, "--data.train_path", str(train_path))
         return subprocess.run([sys.executable, "-m", "megatron_mgrpo.cli", "train",
                                os.path.join(ROOT, "examples/tiny/config.yaml"), *args],
-                              capture_output=True, text=True, cwd=ROOT, timeout=300)
+                              capture_output=True, text=True, cwd=ROOT, timeout=DEADLOCK_GUARD_S)
 
     done = run(empty)
     assert done.returncode == 2
@@ -321,7 +322,7 @@ def test_eval_of_the_exported_model_equals_the_runs_last_benchmark_eval(tiny_bas
     run = subprocess.run([sys.executable, "-m", "megatron_mgrpo.cli", "eval",
                           os.path.join(ROOT, "examples/tiny/config.yaml"),
                           "--model", str(tmp_path / "policy"), *args],
-                         capture_output=True, text=True, timeout=300)
+                         capture_output=True, text=True, timeout=DEADLOCK_GUARD_S)
     assert run.returncode == 0, run.stderr
     with open(tmp_path / "run" / "eval" / "policy.json") as f:
         metrics = json.load(f)["benchmarks"]["math500"]["metrics"]
@@ -389,7 +390,7 @@ def test_eval_prints_its_table_and_needs_no_training_data(tiny_base, uninterrupt
     done = subprocess.run([sys.executable, "-m", "megatron_mgrpo.cli", "eval",
                            os.path.join(ROOT, "examples/tiny/config.yaml"), "--checkpoint",
                            os.path.join(run_dir, "checkpoints", "step_0000004"), *args],
-                          capture_output=True, text=True, cwd=ROOT, timeout=600)
+                          capture_output=True, text=True, cwd=ROOT, timeout=DEADLOCK_GUARD_S)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "eval: loading" in done.stdout and "step_0000004" in done.stdout
     assert f"val_accuracy (pass@1, k=2) {history[-1]['val_accuracy']:.4f}" in done.stdout
@@ -404,7 +405,7 @@ def test_training_without_train_path_is_one_line(tiny_base, tmp_path):
     args = overrides(tiny_base, str(tmp_path), 1, "--data.train_path", "null")
     done = subprocess.run([sys.executable, "-m", "megatron_mgrpo.cli", "train",
                            os.path.join(ROOT, "examples/tiny/config.yaml"), *args],
-                          capture_output=True, text=True, cwd=ROOT, timeout=300)
+                          capture_output=True, text=True, cwd=ROOT, timeout=DEADLOCK_GUARD_S)
     assert done.returncode == 2
     assert done.stderr.strip() == ("mgrpo: config error: data.train_path: got None; accepted: "
                                    "a jsonl or parquet file of training prompts (mgrpo train "
@@ -412,6 +413,6 @@ def test_training_without_train_path_is_one_line(tiny_base, tmp_path):
     missing = subprocess.run([sys.executable, "-m", "megatron_mgrpo.cli", "eval",
                               os.path.join(ROOT, "examples/tiny/config.yaml"), "--checkpoint",
                               str(tmp_path / "nope"), *args],
-                             capture_output=True, text=True, cwd=ROOT, timeout=300)
+                             capture_output=True, text=True, cwd=ROOT, timeout=DEADLOCK_GUARD_S)
     assert missing.returncode == 2 and "Traceback" not in missing.stderr
     assert "--checkpoint: no checkpoint directory at" in missing.stderr

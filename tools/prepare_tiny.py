@@ -1,6 +1,6 @@
 """Prepare the tiny CPU demo's data and base policy (the warm-up before any RL).
 
-    python tools/prepare_tiny.py --out runs/tiny_base [--seed 1234]     # ~100 s on 2 cores
+    python tools/prepare_tiny.py --out runs/tiny_base [--seed 1234] [--threads N]
 
 1. Write the synthetic task (`sft.jsonl` noisy warm-up data, `train.jsonl` RL prompts,
    `val.jsonl`) under `<out>/data/`.
@@ -12,6 +12,10 @@
    temperature 1), written to `<out>/base_eval.json` and printed. Self-training needs
    maj@k well above pass@1 (docs/design.md, "When self-training can work at all"); the
    defaults are chosen for that.
+
+Torch threads: `--threads`, else $MGRPO_NUM_THREADS or $OMP_NUM_THREADS, else the CPUs this
+process may use minus the current load average, at least 1 (`data/warmup.py:choose_threads`),
+so a busy machine is not oversubscribed; the choice is printed first.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from megatron_mgrpo.data.tokenizer import train_sentencepiece  # noqa: E402
 from megatron_mgrpo.data.warmup import (  # noqa: E402
     SFTConfig,
     build_model,
+    choose_threads,
     evaluate,
     sft_examples,
     train_sft,
@@ -62,14 +67,20 @@ def parse_args(argv=None):
     p.add_argument("--lr", type=float, default=SFTConfig.lr)
     p.add_argument("--k", type=int, default=8, help="samples per val prompt for pass@1/maj@k")
     p.add_argument("--max-new-tokens", type=int, default=32)
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0: all cores)")
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch threads (0: $MGRPO_NUM_THREADS, $OMP_NUM_THREADS, or the CPUs "
+                        "available minus the load average)")
     return p.parse_args(argv)
 
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    try:
+        threads, why = choose_threads(args.threads)
+    except ValueError as e:
+        raise SystemExit(f"prepare_tiny: {e}") from None
+    torch.set_num_threads(threads)
+    print(f"threads: {threads} ({why})", flush=True)
     t0 = time.time()
     out = args.out
     data_dir = os.path.join(out, "data")
