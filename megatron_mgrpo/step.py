@@ -85,6 +85,7 @@ class EngineSource:
         if s.is_main:
             try:
                 groups = self._generate(prompt_ids, step)
+                s.engine.release_memory()  # colocated servers: the memory is training's now
             except Exception as e:  # noqa: BLE001 (every rank must hear of it, below)
                 failure = e
         groups = s.broadcast(groups if failure is None else _Failed(str(failure)))

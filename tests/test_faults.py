@@ -108,7 +108,8 @@ def test_a_run_dir_holds_one_run(tiny_base, tmp_path, capsys):
     a_file.write_text("")
     assert mgrpo(["train", *cfg, "--training.run_dir", str(a_file)]) == 2
     assert capsys.readouterr().err.strip() == (
-        f"mgrpo: config error: training.run_dir: '{a_file}' is a file, not a directory")
+        f"mgrpo: config error: training.run_dir: got '{a_file}'; accepted: a directory (this "
+        "path is a file)")
 
     with RunDirLock(str(held)):  # another trainer holds it (a flock is per open file)
         assert mgrpo(["train", *cfg, "--training.run_dir", str(held), "--resume"]) == 2

@@ -111,6 +111,11 @@ class SGLangConfig:
     """`swap`: one group of servers loads the momentum and the policy weights in turn.
     `separate`: a group per weight set (twice the servers, no swaps)."""
 
+    release_memory: bool = False
+    """Swap placement with the servers on the training GPUs: after each step's rollouts the
+    servers release their weights and KV cache (`/release_memory_occupation`), so training
+    gets the memory back; the next weight push resumes them first."""
+
     transport: Literal["tensor", "distributed", "disk"] = "disk"
     """How weights reach the servers: `tensor` (colocated: CUDA IPC / shared memory),
     `distributed` (an NCCL broadcast group with the servers), `disk` (safetensors files in
@@ -162,6 +167,9 @@ class SGLangConfig:
         if g.placement == "separate" and g.launch == 0 and not g.momentum_urls:
             fail("sglang.momentum_urls", g.momentum_urls,
                  "the momentum model's servers (placement separate, attached)")
+        if g.release_memory and g.placement != "swap":
+            fail("sglang.release_memory", g.release_memory,
+                 "false in placement separate (each group keeps its weights loaded)")
         if g.placement == "swap" and g.momentum_urls:
             fail("sglang.momentum_urls", g.momentum_urls, "[] in placement swap (one group)")
         for name in ("urls", "momentum_urls"):

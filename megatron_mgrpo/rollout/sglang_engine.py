@@ -470,7 +470,7 @@ def make_sglang_engine(g, model_path: str, bucket_bytes: int, run_dir: str,
                             request_timeout_s=g.request_timeout_s, max_retries=g.max_retries,
                             max_prompts_per_request=g.max_prompts_per_request,
                             launch_timeout_s=g.launch_timeout_s,
-                            release_memory=bool(getattr(g, "release_memory", False)),
+                            release_memory=g.release_memory,
                             log=log)
     except BaseException:
         for s in policy + momentum:
