@@ -32,8 +32,11 @@ train: install $(BASE)/model.safetensors
 smoke: install
 	$(VENV)/bin/mgrpo smoke examples/tiny/smoke.yaml $(ARGS)
 
+# Two test processes (a file each at a time, so a file's shared fixtures are built once):
+# most tests are one single-threaded process, many wait on servers or subprocesses.
+TEST_WORKERS ?= 2
 test: install
-	$(PY) -m pytest -q $(ARGS)
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile $(ARGS)
 
 # SGLang's own code beside ours, in a separate environment (~5-6 GB: SGLang pins a CUDA torch
 # and torchvision, which must never replace the CPU torch of $(VENV)). The tests that need it

@@ -453,12 +453,16 @@ def test_eval_of_an_hf_directory_samples_what_the_engine_samples(model_dir, data
 def test_eval_command_errors_are_one_line(model_dir, tmp_path):
     cases = [
         (("eval", "--benchmarks", "math500"), "eval needs a CONFIG, or --model HF_DIR"),
-        (("eval", "--model", str(tmp_path), "--benchmarks", "math500"), "no config.json"),
+        (("eval", "--model", str(tmp_path), "--benchmarks", "math500"),
+         "no HF model directory (config.json)"),
         (("eval", "--model", model_dir, "--benchmarks", "mmlu"),
          "config error: eval.benchmarks: got 'mmlu'"),
         (("eval", "--model", model_dir), "eval.benchmarks: got []"),
         (("eval", "--model", model_dir, "--benchmarks", "gpqa", "--eval.data_dir",
-          str(tmp_path)), "data error: gpqa: no data"),
+          str(tmp_path)), "eval.max_new_tokens: got 2048; accepted: less than "
+                          "model.max_position_embeddings=512"),
+        (("eval", "--model", model_dir, "--benchmarks", "gpqa", "--eval.data_dir",
+          str(tmp_path), "--eval.max_new_tokens", "64"), "data error: gpqa: no data"),
     ]
     for args, message in cases:
         run = mgrpo(*args)

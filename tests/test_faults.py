@@ -288,3 +288,39 @@ def test_a_damaged_newest_checkpoint_is_skipped_and_the_previous_one_loads(
             f"bytes, {written} were written") in out
     assert "resumed from step 1" in out
     assert comparable(rows(run_dir)) == comparable(uninterrupted[:3])
+
+
+# ---- a rollout server lost for good ---------------------------------------------------------
+
+def test_a_lost_rollout_server_ends_the_run_in_one_line_after_saving(tiny_base, tmp_path):
+    """The only (attached) server is killed mid-run: the run ends with one line, exit code 1,
+    after saving the last consistent step: the previous one when the failure came before the
+    update, this one when the update was done (the push failed)."""
+    import re
+
+    from megatron_mgrpo.parallel import free_port
+
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "megatron_mgrpo.cli", "serve", "--model",
+                               tiny_base, "--port", str(port)], cwd=ROOT,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        run_dir = tmp_path / "run"
+        proc = start(tiny_base, run_dir, STEPS, "--training.save_interval", "0",
+                     "--rollout.backend", "sglang",
+                     "--sglang.urls", f'["http://127.0.0.1:{port}"]')
+        wait_for_step(proc, run_dir, 1)
+        server.kill()
+        out, err = proc.communicate()
+    finally:
+        server.kill()
+        server.wait()
+    assert proc.returncode == 1, err[-3000:]
+    line = last_line(err)
+    got = re.fullmatch(r"mgrpo: step (\d+): the rollout failed: (.+); saved step (\d+) "
+                       r"\(--resume continues from it\)", line)
+    assert got, line
+    failed, saved = int(got.group(1)), int(got.group(3))
+    assert saved in (failed - 1, failed) and saved >= 1
+    assert (run_dir / "checkpoints" / "latest").read_text() == str(saved)
+    assert "Traceback" not in err

@@ -3,6 +3,7 @@ transformers' own model of the same weights, the `kl` metric at TP=2 and PP=2 ag
 the momentum model as the reference at DP=2 against DP=1), and the loss against a hand value."""
 
 import math
+import os
 
 import pytest
 import torch
@@ -47,11 +48,24 @@ def test_reference_logprobs_are_transformers_logprobs_of_the_base(tmp_path, layo
         assert (policy_lp - want).abs().max() > 1e-2  # the policy did move
 
 
+def smoke_config_for(base):
+    """examples/tiny/smoke.yaml without its architecture: the base's config.json gives it."""
+    import yaml
+
+    with open("examples/tiny/smoke.yaml") as f:
+        raw = yaml.safe_load(f)
+    raw["model"] = {"params_dtype": raw["model"].get("params_dtype", "fp32")}
+    path = os.path.join(base, f"smoke_{os.getpid()}.yaml")
+    with open(path, "w") as f:
+        yaml.safe_dump(raw, f)
+    return path
+
+
 def smoke_worker(base, extra):
     from megatron_mgrpo.config import load_config
     from megatron_mgrpo.smoke import run_smoke
 
-    cfg = load_config("examples/tiny/smoke.yaml",
+    cfg = load_config(smoke_config_for(base),
                       ["--model.load", base, "--training.steps", "3",
                        "--training.run_dir", "/tmp/mgrpo-kl-test",
                        "--parallel.micro_batch_size", "8", "--algorithm.kl_coef", "0.05",

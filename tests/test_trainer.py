@@ -1,6 +1,7 @@
 """The M-GRPO loop end to end on a quickly warmed-up tiny base: metrics, plots, checkpoints, a
 resumed run equal to an uninterrupted one, TP=2 / PP=2 runs of the same loop, and all modes."""
 
+import importlib.util
 import json
 import os
 
@@ -8,7 +9,7 @@ import pytest
 
 from tests import DEADLOCK_GUARD_S
 from tests.distributed import run_workers
-from tests.tiny import ROOT, overrides
+from tests.tiny import ROOT, overrides, prepare_base
 
 REQUIRED = ("step", "reward_mean", "entropy_mean", "entropy_q1", "entropy_q3",
             "iqr_dropped_frac", "vote_agreement", "pseudo_label_acc", "loss", "grad_norm",
