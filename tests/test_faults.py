@@ -271,23 +271,39 @@ def test_a_save_onto_a_full_disk_says_so_and_the_run_resumes_from_the_previous_c
     assert [m["step"] for m in rows(run_dir)] == [1, 2]
 
 
-def test_a_damaged_newest_checkpoint_is_skipped_and_the_previous_one_loads(
+def test_a_killed_run_leaves_no_process_and_a_damaged_newest_checkpoint_is_skipped(
         tiny_base, uninterrupted, tmp_path):
+    """SIGKILL right after a save (megatron's checkpoint writer would leave a Manager server
+    and a resource tracker behind): nothing the trainer started outlives it. Then its newest
+    checkpoint is cut short and `latest` garbled: resume skips it, saying why, loads the one
+    before, and goes on as the uninterrupted run did."""
     run_dir = tmp_path / "run"
-    code, _, err = train(tiny_base, run_dir, 2, "--training.save_interval", "1")
-    assert code == 0, err[-3000:]
-    two = run_dir / "checkpoints" / "step_0000002"
-    shard = next(p for p in sorted(two.iterdir()) if p.suffix == ".distcp")
+    latest = run_dir / "checkpoints" / "latest"
+    proc = start(tiny_base, run_dir, STEPS, "--training.save_interval", "1")
+    while proc.poll() is None and not (latest.exists() and int(latest.read_text()) >= 2):
+        time.sleep(0.1)
+    below = descendants(proc.pid)
+    proc.kill()
+    proc.communicate()
+    deadline = time.time() + 120  # orphans notice their parent's death within moments
+    while any(alive(pid) for pid in below) and time.time() < deadline:
+        time.sleep(0.5)
+    assert not [pid for pid in below if alive(pid)], "processes outlived a killed trainer"
+
+    newest = int(latest.read_text())
+    shard = next(p for p in sorted((run_dir / "checkpoints" / f"step_{newest:07d}").iterdir())
+                 if p.suffix == ".distcp")
     written = shard.stat().st_size
     with open(shard, "r+b") as f:  # a copy cut short, as a full disk or a bad node leaves it
         f.truncate(written // 2)
-    (run_dir / "checkpoints" / "latest").write_text("garbage")
-    code, out, err = train(tiny_base, run_dir, 3, "--training.resume", "true")
+    latest.write_text("garbage")
+    code, out, err = train(tiny_base, run_dir, newest + 1, "--training.resume", "true",
+                           "--training.save_interval", "1")
     assert code == 0, err[-3000:]
-    assert (f"--resume: skipping the checkpoint of step 2: {shard.name} has {written // 2} "
-            f"bytes, {written} were written") in out
-    assert "resumed from step 1" in out
-    assert comparable(rows(run_dir)) == comparable(uninterrupted[:3])
+    assert (f"--resume: skipping the checkpoint of step {newest}: {shard.name} has "
+            f"{written // 2} bytes, {written} were written") in out
+    assert f"resumed from step {newest - 1}" in out
+    assert comparable(rows(run_dir)) == comparable(uninterrupted[:newest + 1])
 
 
 # ---- a rollout server lost for good ---------------------------------------------------------
