@@ -284,11 +284,16 @@ def test_a_killed_run_leaves_no_process_and_a_damaged_newest_checkpoint_is_skipp
         time.sleep(0.1)
     below = descendants(proc.pid)
     proc.kill()
-    proc.communicate()
+    proc.wait()  # not communicate(): an orphan holding the pipes would block it forever
+    proc.stdout.close()
+    proc.stderr.close()
     deadline = time.time() + 120  # orphans notice their parent's death within moments
     while any(alive(pid) for pid in below) and time.time() < deadline:
         time.sleep(0.5)
-    assert not [pid for pid in below if alive(pid)], "processes outlived a killed trainer"
+    left = [pid for pid in below if alive(pid)]
+    for pid in left:
+        os.kill(pid, signal.SIGKILL)
+    assert not left, "processes outlived a killed trainer"
 
     newest = int(latest.read_text())
     shard = next(p for p in sorted((run_dir / "checkpoints" / f"step_{newest:07d}").iterdir())
