@@ -91,9 +91,8 @@ class GenerateRequest:
 def _typed(name: str, value, kinds, allow_none: bool = False):
     if value is None and allow_none:
         return None
-    if isinstance(value, bool) and bool not in kinds:
-        raise Invalid(f"{name}: expected {' or '.join(k.__name__ for k in kinds)}, got {value!r}")
-    if not isinstance(value, kinds):
+    # bool is an int subclass: True must not pass as a count
+    if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
         raise Invalid(f"{name}: expected {' or '.join(k.__name__ for k in kinds)}, got {value!r}")
     return value
 
