@@ -38,6 +38,13 @@ from megatron_mgrpo.rollout.base import (WEIGHT_SETS, Bucket, Completion, Rollou
                                          SamplingParams, WeightsNotReadyError, WeightUpdateError,
                                          check_weight_set)
 
+StepCallback = Callable[[List[int], List[int], List[float], List[bool]],
+                        Optional[Iterable[int]]]
+"""`on_step(rows, tokens, logprobs, ends)` after each decoding step: the rows (indices into
+the call's prompts) that drew a token, their tokens, log-probs, and whether the token ends the
+row (a stop token, or max_new_tokens). It may return rows to end there as "stop": a stop
+condition the engine cannot check itself (a server's stop strings)."""
+
 
 @dataclass
 class _WeightSet:
@@ -244,18 +251,21 @@ class EmbeddedEngine(RolloutEngine):
 
     def generate_rows(self, prompts: List[List[int]], seeds: Sequence[Optional[int]],
                       params: SamplingParams, model: str = "policy",
-                      should_stop: Optional[Callable[[], bool]] = None) -> List[Completion]:
+                      should_stop: Optional[Callable[[], bool]] = None,
+                      on_step: Optional[StepCallback] = None) -> List[Completion]:
         """One completion per prompt, each drawn from the random stream `seeds[i]` (None: a
         fresh one from the engine's generator); `params.seed` is not used. What a server
         does with a request whose items carry their own sampling seeds. `should_stop` is
         asked before every decoding step; True ends the unfinished completions there with
-        finish_reason "abort" (a cancelled request)."""
-        return self._rows(self._checked(prompts), seeds, params, model, should_stop)
+        finish_reason "abort" (a cancelled request). `on_step` (`StepCallback`) sees the
+        tokens as they are drawn (a server's stream) and may end rows."""
+        return self._rows(self._checked(prompts), seeds, params, model, should_stop, on_step)
 
     @torch.no_grad()
     def _rows(self, prompts: List[List[int]], seeds: Sequence[Optional[int]],
               params: SamplingParams, model: str,
-              should_stop: Optional[Callable[[], bool]] = None) -> List[Completion]:
+              should_stop: Optional[Callable[[], bool]] = None,
+              on_step: Optional[StepCallback] = None) -> List[Completion]:
         """generate_rows on prompts already checked."""
         ws = self._set(model)
         if ws.broken:
@@ -275,7 +285,8 @@ class EmbeddedEngine(RolloutEngine):
             for start in range(0, len(rows), self.max_batch_size):
                 chunk = rows[start:start + self.max_batch_size]
                 done = self._sample(ws.model, [prompts[r] for r in chunk],
-                                    [seeds[r] for r in chunk], params, should_stop)
+                                    [seeds[r] for r in chunk], params, should_stop,
+                                    None if on_step is None else _in_chunk(on_step, chunk))
                 for r, c in zip(chunk, done):
                     out[r] = c
         finally:
@@ -294,9 +305,10 @@ class EmbeddedEngine(RolloutEngine):
         return prompts
 
     def _sample(self, model, prompts: Sequence[List[int]], seeds: Sequence[int],
-                params: SamplingParams, should_stop: Optional[Callable[[], bool]] = None
-                ) -> List[Completion]:
-        """One batch: left-padded prefill, then one token per step for the unfinished rows."""
+                params: SamplingParams, should_stop: Optional[Callable[[], bool]] = None,
+                on_step: Optional[StepCallback] = None) -> List[Completion]:
+        """One batch: left-padded prefill, then one token per step for the unfinished rows
+        (`on_step`'s rows are this batch's)."""
         from transformers import DynamicCache
 
         dev, b, steps = self.device, len(prompts), params.max_new_tokens
@@ -341,6 +353,11 @@ class EmbeddedEngine(RolloutEngine):
             tokens[active, t] = tok
             logprobs[active, t] = lp
             hit = torch.isin(tok, stop_ids)
+            if on_step is not None:
+                ended = on_step(active.tolist(), tok.tolist(), lp.tolist(),
+                                (hit | (t == steps - 1)).tolist())
+                if ended:
+                    hit = hit | torch.isin(active, torch.tensor(sorted(ended), device=dev))
             if hit.any():
                 rows_hit = active[hit].cpu()
                 lengths[rows_hit] = t + 1
@@ -363,6 +380,17 @@ class EmbeddedEngine(RolloutEngine):
                            finish_reason="stop" if stopped[r] else
                            "abort" if aborted and int(lengths[r]) < steps else "length")
                 for r in range(b)]
+
+
+def _in_chunk(on_step: StepCallback, chunk: List[int]) -> StepCallback:
+    """`on_step` for one batch of a call: batch rows -> the call's rows, and back."""
+    back = {r: i for i, r in enumerate(chunk)}
+
+    def step(rows, tokens, logprobs, ends):
+        ended = on_step([chunk[r] for r in rows], tokens, logprobs, ends)
+        return [back[r] for r in ended or () if r in back]
+
+    return step
 
 
 def stream_seeds(prompts: Sequence[Sequence[int]], n: int, seed: int) -> List[int]:
