@@ -1,14 +1,17 @@
 """`mgrpo serve`'s HTTP layer: routing, bodies, and replies in SGLang 0.5.23's shapes (404
 `{"detail": "Not Found"}`, 405, a malformed body 400 as SGLang's `ErrorResponse`, a refused
-request 400 `{"error": {"message"}}`), on the standard library's threading HTTP server."""
+request 400 `{"error": {"message"}}`, server-sent events in chunks as they are produced), on
+the standard library's threading HTTP server."""
 
 from __future__ import annotations
 
 import json
+import queue
 import select
 import socket
+import threading
 from http.server import BaseHTTPRequestHandler
-from typing import Any, Callable, Dict, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple
 from urllib.parse import parse_qs
 
 from megatron_mgrpo.rollout.server_requests import Invalid, Refused
@@ -20,6 +23,22 @@ class Reply(Exception):
     def __init__(self, status: int, body: Any, text: bool = False):
         super().__init__(str(body))
         self.status, self.body, self.text = status, body, text
+
+
+class Stream:
+    """A 200 `text/event-stream` reply sent as it is produced: `produce(send)` runs in the
+    request's thread and calls `send(event)` per event (a JSON object, or a string sent as
+    is); `data: [DONE]` ends it. A slow reader never holds `produce` up: a writer thread
+    sends what is queued. A client that goes away is for `produce` to notice
+    (`disconnected`): sends after that are dropped."""
+
+    def __init__(self, produce: Callable[[Callable[[Any], None]], None]):
+        self.produce = produce
+
+
+def sse(event: Any) -> bytes:
+    text = event if isinstance(event, str) else json.dumps(event, separators=(",", ":"))
+    return f"data: {text}\n\n".encode()
 
 
 def json_object(body) -> dict:
@@ -77,6 +96,8 @@ def handler(routes: Dict[Tuple[str, str], Callable]):
                     body = {k: v[-1] for k, v in parse_qs(query).items()}
                     body.pop("timeout", None)
                 out = route(body, self)
+                if isinstance(out, Stream):
+                    return self._stream(out)
                 if isinstance(out, Reply):
                     return self._reply(out.status, out.body, out.text)
                 return self._reply(200, out)
@@ -105,6 +126,44 @@ def handler(routes: Dict[Tuple[str, str], Callable]):
                 self.wfile.write(data)
             except (BrokenPipeError, ConnectionResetError):
                 pass  # the client is gone (it disconnected, or an aborted request)
+
+        def _stream(self, stream: Stream) -> None:
+            try:
+                self.send_response(200)
+                self.send_header("Content-Type", "text/event-stream")
+                self.send_header("Cache-Control", "no-cache")
+                self.send_header("Transfer-Encoding", "chunked")
+                self.end_headers()
+            except OSError:
+                pass  # gone already: `produce` finds out and stops
+            chunks: "queue.SimpleQueue[Optional[bytes]]" = queue.SimpleQueue()
+            writer = threading.Thread(target=self._write_chunks, args=(chunks,), daemon=True)
+            writer.start()
+            try:
+                stream.produce(lambda event: chunks.put(sse(event)))
+            except Exception as e:  # noqa: BLE001 - headers are out: the error is an event
+                chunks.put(sse({"error": {"message": f"{type(e).__name__}: {e}",
+                                          "type": "InternalServerError", "code": 500}}))
+            finally:
+                chunks.put(sse("[DONE]"))
+                chunks.put(None)
+                writer.join()
+
+        def _write_chunks(self, chunks) -> None:
+            alive = True
+            while (data := chunks.get()) is not None:
+                alive = alive and self._send_chunk(data)
+            if alive:
+                self._send_chunk(b"")  # the last chunk: the reply is complete
+
+        def _send_chunk(self, data: bytes) -> bool:
+            try:
+                self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+                self.wfile.flush()
+                return True
+            except OSError:
+                self.close_connection = True
+                return False
 
         def do_GET(self):
             self._serve("GET")
