@@ -18,6 +18,7 @@ a session), /destroy_weights_update_group, /update_weight_version, /abort_reques
 /pause_generation, /continue_generation. Errors: 404 `{"detail": "Not Found"}`; a malformed
 body 400 in SGLang's `ErrorResponse` shape; a refused generation 400 `{"error": {"message"}}`;
 a refused weight call 400 `{"success": false, "message"}`. Not served: /v1/* (OpenAI API).
+`stream: true` sends an event per token as it is generated (`server_stream`).
 
 Where it differs, on purpose:
 - tensor payloads are unpickled with an exact allowlist of tensors, storages and dtypes
@@ -28,14 +29,12 @@ Where it differs, on purpose:
   at once while a generation makes progress, as SGLang's does while it runs something;
 - a released model (/release_memory_occupation) refuses /generate until resumed, and its
   weights are gone after /resume_memory_occupation (zeroed) until a load, as a GPU server's
-  are undefined;
-- `stream: true` sends the whole result as one event, then `data: [DONE]`.
+  are undefined.
 """
 
 from __future__ import annotations
 
 import glob
-import json
 import os
 import socket
 import threading
@@ -50,8 +49,9 @@ from megatron_mgrpo.rollout.base import SamplingParams, WeightUpdateError
 from megatron_mgrpo.rollout.embedded import EmbeddedEngine
 from megatron_mgrpo.rollout.server_http import (Reply, body_field, disconnected, handler,
                                                json_object)
-from megatron_mgrpo.rollout.server_requests import (Invalid, Refused, apply_stop_strings,
-                                                    parse_generate, reply_item)
+from megatron_mgrpo.rollout.server_requests import (GenerateRequest, Invalid, Refused,
+                                                    parse_generate)
+from megatron_mgrpo.rollout.server_stream import Emit, Rows, generate_stream
 
 MODEL = "policy"  # the engine's one weight set
 SGLANG_VERSION = "0.5.23"
@@ -164,18 +164,32 @@ class EmbeddedServer:
     def generate(self, body: Any, handler) -> Any:
         req = parse_generate(body, self.tokenizer, self.engine.config.vocab_size,
                              self.context_len, self.eos_ids)
+        batch = not req.single or req.sampling.n > 1
+        if not req.stream:
+            items = self.run(req, handler)
+            return items if batch else items[0]
+        self.refuse_if_released()  # a refusal is a 400 before the stream starts
+        return generate_stream(self.run, req, handler, batch)
+
+    def refuse_if_released(self) -> None:
         if self._released:
             raise Refused("the model's memory is released (/release_memory_occupation); "
                           "call /resume_memory_occupation and load weights first")
+
+    def run(self, req: GenerateRequest, handler, emit: Optional[Emit] = None) -> list:
+        """Generate for a parsed request: its reply items, prompt-major (each prompt's n
+        together). `emit(row, item)`, when given, gets each row's items as its tokens come
+        (`server_stream`). Stops early when the client goes away or the request is aborted."""
+        self.refuse_if_released()
         n = req.sampling.n
-        rows = [p for p in req.prompts for _ in range(n)]  # SGLang's order: prompt-major
+        prompts = [p for p in req.prompts for _ in range(n)]  # SGLang's order: prompt-major
         seeds = [s for s in req.sampling.seeds for _ in range(n)]
         rids = [r if n == 1 else f"{r}_{j}" for r in req.rid for j in range(n)]
+        rows = Rows(req, prompts, rids, self.tokenizer, emit)
         cancel = threading.Event()
         with self._state:
             for r in req.rid:
                 self._running[r] = cancel
-        start = time.monotonic()
         conn = getattr(handler, "connection", None)
 
         def should_stop() -> bool:
@@ -187,29 +201,18 @@ class EmbeddedServer:
         try:
             self._resumed.wait()
             with self._lock:
-                version = self.weight_version
+                rows.version = self.weight_version
                 self._progress = time.monotonic()
-                done = self.engine.generate_rows(rows, seeds, req.sampling.params, MODEL,
-                                                 should_stop=should_stop)
+                done = self.engine.generate_rows(
+                    prompts, seeds, req.sampling.params, MODEL, should_stop=should_stop,
+                    on_step=rows.on_step if rows.watching else None)
         except ValueError as e:
             raise Refused(str(e)) from None
         finally:
             with self._state:
                 for r in req.rid:
                     self._running.pop(r, None)
-        latency = time.monotonic() - start
-        items = []
-        for c, rid, row in zip(done, rids, rows):
-            c, matched = apply_stop_strings(c, req.sampling.stop_strings, self.tokenizer,
-                                            req.sampling.skip_special_tokens)
-            items.append(reply_item(c, rid, len(row), version, latency, req, self.tokenizer,
-                                    matched))
-        out = items[0] if req.single and n == 1 else items
-        if req.stream:
-            events = [out] if isinstance(out, dict) else out
-            return Reply(200, "".join(f"data: {json.dumps(e)}\n\n" for e in events)
-                         + "data: [DONE]\n\n", text=True)
-        return out
+        return [rows.finish(i, c) for i, c in enumerate(done)]
 
     def health_generate(self, body, handler) -> Reply:
         """200 at once while a generation makes progress (as SGLang: any output counts);

@@ -246,24 +246,14 @@ def _sampling(per_item: List[Any], vocab_size: int, eos_ids: Sequence[int], toke
                     seeds=seeds)
 
 
-def apply_stop_strings(c: Completion, stops: Sequence[str], tokenizer, skip_special: bool):
-    """(completion cut after the token that completes a stop string, the string matched).
-    The engine has no stop strings: it generates on, and the surplus is cut here."""
-    if not stops or c.finish_reason == "abort":
-        return c, None
-    for k in range(1, len(c.token_ids) + 1):
-        text = tokenizer.decode(c.token_ids[:k], skip_special_tokens=skip_special)
-        for s in stops:
-            if s in text:
-                return Completion(c.token_ids[:k], c.logprobs[:k], "stop"), s
-    return c, None
-
-
 def reply_item(c: Completion, rid: str, prompt_len: int, weight_version: str, latency: float,
-               req: GenerateRequest, tokenizer, matched_str: Optional[str]) -> Dict[str, Any]:
-    """One `/generate` reply item, the fields SGLang 0.5.23 gives."""
+               req: GenerateRequest, tokenizer, matched_str: Optional[str],
+               text: Optional[str] = None) -> Dict[str, Any]:
+    """One `/generate` reply item, the fields SGLang 0.5.23 gives (`text`: the caller's
+    decoding of the tokens, else the tokenizer's)."""
     skip = req.sampling.skip_special_tokens
-    text = tokenizer.decode(c.token_ids, skip_special_tokens=skip) if tokenizer else ""
+    if text is None:
+        text = tokenizer.decode(c.token_ids, skip_special_tokens=skip) if tokenizer else ""
     if matched_str is not None and not req.sampling.no_stop_trim:
         text = text[:text.find(matched_str)] if matched_str in text else text
     if c.finish_reason == "stop":
