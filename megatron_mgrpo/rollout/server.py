@@ -15,9 +15,10 @@ POST /begin_weight_update, /end_weight_update, /update_weights_from_tensor (insi
 plain pairs, verl's `LocalSerializedTensor` values or `load_format: "flattened_bucket"`),
 /update_weights_from_disk, /init_weights_update_group, /update_weights_from_distributed (inside
 a session), /destroy_weights_update_group, /update_weight_version, /abort_request,
-/pause_generation, /continue_generation. Errors: 404 `{"detail": "Not Found"}`; a malformed
-body 400 in SGLang's `ErrorResponse` shape; a refused generation 400 `{"error": {"message"}}`;
-a refused weight call 400 `{"success": false, "message"}`. Not served: /v1/* (OpenAI API).
+/pause_generation, /continue_generation; the OpenAI API: GET /v1/models, POST /v1/completions,
+/v1/chat/completions (`server_openai`). Errors: 404 `{"detail": "Not Found"}`; a malformed
+body 400 in SGLang's `ErrorResponse` shape; a refused generation 400 `{"error": {"message"}}`
+(/v1/*: `ErrorResponse`); a refused weight call 400 `{"success": false, "message"}`.
 `stream: true` sends an event per token as it is generated (`server_stream`).
 
 Where it differs, on purpose:
@@ -49,6 +50,7 @@ from megatron_mgrpo.rollout.base import SamplingParams, WeightUpdateError
 from megatron_mgrpo.rollout.embedded import EmbeddedEngine
 from megatron_mgrpo.rollout.server_http import (Reply, body_field, disconnected, handler,
                                                json_object)
+from megatron_mgrpo.rollout.server_openai import openai_routes
 from megatron_mgrpo.rollout.server_requests import (GenerateRequest, Invalid, Refused,
                                                     parse_generate)
 from megatron_mgrpo.rollout.server_stream import Emit, Rows, generate_stream
@@ -137,6 +139,7 @@ class EmbeddedServer:
                 "/pause_generation": self.pause, "/continue_generation": self.resume}
         for path, fn in post.items():
             r[("POST", path)] = fn
+        r.update(openai_routes(self))
         return r
 
     def model_info(self) -> dict:
