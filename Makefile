@@ -38,18 +38,30 @@ TEST_WORKERS ?= 2
 test: install
 	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile $(ARGS)
 
-# SGLang's own code beside ours, in a separate environment (~5-6 GB: SGLang pins a CUDA torch
-# and torchvision, which must never replace the CPU torch of $(VENV)). The tests that need it
-# skip cleanly where SGLang does not import; see docs/sglang.md.
+# SGLang's own code beside ours, in a separate environment (~6 GB): SGLang 0.5.23's HTTP
+# server (tests/sglang_harness.py) on its CUDA torch, run on the CPU. Its GPU kernels are left
+# out (--no-deps; SGLANG_DEPS is what its server imports need, at SGLang's pins), and its torch
+# must never replace the CPU torch of $(VENV). Elsewhere the tests that need it skip cleanly;
+# see docs/sglang.md.
 SGLANG_VENV ?= .venv-sglang
 SGLANG_SPEC ?= sglang==0.5.23
-SGLANG_TESTS ?= tests/test_sglang_backend.py tests/test_sglang_contract.py tests/test_fp8_rollout.py
+SGLANG_TORCH ?= torch==2.14.1 torchvision==0.29.1
+SGLANG_DEPS ?= fastapi uvicorn uvloop orjson pybase64 requests msgspec pyzmq ipython aiohttp \
+	apache-tvm-ffi==0.1.11 compressed-tensors==0.18.0 gguf openai==2.8.0 partial-json-parser \
+	transformers==5.19.0 tokenizers==0.23.2 sentencepiece==0.2.1 xgrammar==0.2.7 \
+	soundfile==0.13.1 "python-dateutil<3" psutil setproctitle python-multipart \
+	prometheus-client einops pillow tiktoken interegular packaging regex distro numpy scipy \
+	pydantic xxhash zstandard dill jsonschema
+SGLANG_TESTS ?= tests/test_sglang_contract.py tests/test_sglang_backend.py tests/test_fp8_rollout.py
 
 $(SGLANG_VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(SGLANG_VENV)
 	$(SGLANG_VENV)/bin/python -m pip install -q --upgrade pip
-	$(SGLANG_VENV)/bin/python -m pip install -q "$(SGLANG_SPEC)"
+	$(SGLANG_VENV)/bin/python -m pip install -q $(SGLANG_TORCH)
+	$(SGLANG_VENV)/bin/python -m pip install -q --no-deps "$(SGLANG_SPEC)"
+	$(SGLANG_VENV)/bin/python -m pip install -q $(SGLANG_DEPS)
 	$(SGLANG_VENV)/bin/python -m pip install -q -e ".[dev]"
+	$(SGLANG_VENV)/bin/python -c "import sglang.srt.entrypoints.http_server"
 	touch $@
 
 test-sglang: $(SGLANG_VENV)/.installed

@@ -12,6 +12,7 @@ requests run; malformed bodies are 400 (never 500); `/update_weight_version {}` 
 """
 
 import base64
+import importlib.util
 import json
 import os
 import pickle
@@ -37,6 +38,7 @@ from megatron_mgrpo.rollout.sglang_engine import SGLangEngine
 from megatron_mgrpo.rollout.transports import make_transport
 from tests.test_hf_reference import hf_model
 from tests import DEADLOCK_GUARD_S
+from tests.tiny import ROOT
 
 KW = dict(architecture="qwen2", vocab_size=40, hidden_size=64, intermediate_size=96,
           num_layers=2, num_attention_heads=4, num_key_value_heads=2, rope_theta=10000.0,
@@ -64,28 +66,82 @@ def http(url, path, body=None, method=None, timeout=60.0, raw=None):
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     """A tiny Qwen2 with a one-character-per-token tokenizer (for text prompts and stops)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     out = str(tmp_path_factory.mktemp("contract_model"))
     hf_model(KW, seed=3).save_pretrained(out, safe_serialization=True)
     tok = Tokenizer(models.WordLevel({c: i for i, c in enumerate(CHARS)}, unk_token="a"))
     tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    tok.decoder = decoders.Fuse()  # "abc", not "a b c", whichever transformers decodes it
     fast = PreTrainedTokenizerFast(tokenizer_object=tok)
     fast.save_pretrained(out)
     return out
 
 
-@pytest.fixture(scope="module")
-def target(model_dir):
-    """`mgrpo serve` in this process, on the model directory above."""
-    from megatron_mgrpo.rollout.server import load_tokenizer
+SGLANG = importlib.util.find_spec("sglang") is not None
+"""SGLang imports here (`make test-sglang`): the suite also runs against its own app."""
 
-    engine = EmbeddedEngine.from_pretrained(model_dir, sets=("policy",))
-    server = EmbeddedServer(engine, model_path=model_dir,
-                            tokenizer=load_tokenizer(model_dir)).start()
-    yield server
-    server.stop()
+
+class Target:
+    """A server under the contract: its URL, what it is, and what the tests need to know."""
+
+    def __init__(self, url: str, kind: str, model_dir: str, server=None, proc=None):
+        self.url, self.kind, self.server, self.proc = url, kind, server, proc
+        with open(os.path.join(model_dir, "config.json")) as f:
+            self.context_len = json.load(f)["max_position_embeddings"]
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self.server.stop()
+        if self.proc is not None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:  # uvicorn waits on open connections
+                self.proc.kill()
+                self.proc.wait(10)
+
+
+def start_target(kind: str, model_dir: str, process: bool = False) -> Target:
+    """`mgrpo serve` (in this process, or as a process of its own) or SGLang 0.5.23's own app
+    (`tests/sglang_harness.py`, a process), on the model directory above."""
+    if kind == "serve" and not process:
+        from megatron_mgrpo.rollout.server import load_tokenizer
+
+        engine = EmbeddedEngine.from_pretrained(model_dir, sets=("policy",))
+        server = EmbeddedServer(engine, model_path=model_dir,
+                                tokenizer=load_tokenizer(model_dir)).start()
+        return Target(server.url, kind, model_dir, server=server)
+    if kind == "sglang" and not SGLANG:
+        pytest.skip("SGLang does not import here (make test-sglang runs this target)")
+    from megatron_mgrpo.parallel import free_port
+
+    port = free_port()
+    command = (["-m", "megatron_mgrpo.cli", "serve"] if kind == "serve"
+               else ["-m", "tests.sglang_harness"])
+    proc = subprocess.Popen([sys.executable, *command, "--model", model_dir,
+                             "--port", str(port)], cwd=ROOT)
+    target = Target(f"http://127.0.0.1:{port}", kind, model_dir, proc=proc)
+    try:
+        Server(target.url, log=lambda _: None).wait_healthy(300)
+    except Exception:
+        target.stop()
+        raise
+    return target
+
+
+@pytest.fixture(scope="module", params=["serve", "sglang"])
+def target(request, model_dir):
+    t = start_target(request.param, model_dir)
+    yield t
+    t.stop()
+
+
+def serve_only(target, why: str) -> None:
+    """A behaviour of `mgrpo serve` that SGLang's own server does not share (`why`)."""
+    if target.kind != "serve":
+        pytest.skip(f"mgrpo serve only: {why}")
 
 
 def gen(url, prompt, **sampling):
@@ -107,7 +163,7 @@ def test_info_routes_and_reply_formats(target):
     assert http(url, "/get_weight_version")[:2] == (404, {"detail": "Not Found"})
     assert http(url, "/generate", method="GET")[0] == 405
     status, text, kind = http(url, "/flush_cache", {})
-    assert status == 200 and text.startswith("Cache flushed.") and kind.startswith("text/")
+    assert status == 200 and text.startswith("Cache flushed.") and "json" not in kind
 
 
 def test_generate_reply_has_sglang_meta_info(target):
@@ -133,7 +189,7 @@ def test_generate_reply_has_sglang_meta_info(target):
     ("/generate", [1, 2]), ("/generate", {"input_ids": "abc"}),
     ("/generate", {"input_ids": [1], "sampling_params": {"temperature": "hot"}}),
     ("/generate", {"input_ids": [1], "sampling_params": {"max_new_token": 3}}),
-    ("/generate", {"input_ids": [1], "bogus": 1}), ("/generate", {}),
+    ("/generate", {}),
     ("/generate", {"input_ids": [[1], "x"]}),
     ("/update_weights_from_tensor", {}), ("/update_weights_from_tensor",
                                           {"serialized_named_tensors": "x"}),
@@ -141,12 +197,22 @@ def test_generate_reply_has_sglang_meta_info(target):
     ("/update_weights_from_distributed", {"names": ["a"]}),
     ("/init_weights_update_group", {"master_address": "x"}),
     ("/update_weight_version", {}), ("/update_weight_version", {"new_version": 3}),
-    ("/abort_request", {"rid": 5}), ("/release_memory_occupation", {"tags": ["gpu"]}),
+    ("/abort_request", {"rid": 5}),
     ("/pause_generation", {"mode": "nap"}), ("/begin_weight_update", [1])])
 def test_every_malformed_body_is_a_400(target, path, body):
     status, reply, _ = http(target.url, path, body)
     assert status == 400, (path, body, reply)
     assert http(target.url, path, raw=b"{not json")[0] == 400
+
+
+def test_fields_generate_does_not_know_are_ignored_as_sglang_ignores_them(target):
+    status, item, _ = http(target.url, "/generate", {
+        "input_ids": [1], "bogus": 1, "sampling_params": {"max_new_tokens": 2,
+                                                          "stop_token_ids": [400]}})
+    assert status == 200 and len(item["output_ids"]) == 2  # and an id past the vocabulary
+    status, reply, _ = http(target.url, "/generate", {
+        "input_ids": [1], "sampling_params": {"max_new_token": 2}})  # a typo in sampling
+    assert status == 400, reply
 
 
 def test_weight_version_routes_answer_as_sglang(target, model_dir, tmp_path):
@@ -167,7 +233,7 @@ def test_weight_version_routes_answer_as_sglang(target, model_dir, tmp_path):
 
 def test_tensor_and_distributed_loads_need_a_session(target):
     url = target.url
-    named = list(target.engine.hf_model().state_dict().items())[:1]
+    named = list(hf_model(KW, seed=3).state_dict().items())[:1]  # model_dir's own
     body = protocol.tensor_update_request(protocol.serialize_named_tensors(named), 1, None)
     status, reply, _ = http(url, "/update_weights_from_tensor", body)
     assert status == 400 and reply["success"] is False
@@ -193,20 +259,35 @@ class _Gadget:
         return torch.serialization.save, ({"pwned": 1}, self.path)
 
 
-def test_the_unpickler_refuses_a_file_writing_gadget_and_writes_nothing(target, tmp_path):
+@pytest.mark.parametrize("kind", ["serve", "sglang"])
+def test_the_unpickler_refuses_a_file_writing_gadget_and_writes_nothing(kind, model_dir,
+                                                                        tmp_path):
+    """Both refuse the payload and write nothing. mgrpo serve answers 400 and serves on;
+    SGLang 0.5.23's SafeUnpickler raises in its scheduler, which takes the server down
+    (`run_scheduler_process` signals its parent), so that target is a server of its own."""
     victim = tmp_path / "written_by_a_request.pt"
     payload = base64.b64encode(pickle.dumps([("w", _Gadget(str(victim)))])).decode()
     with pytest.raises(pickle.UnpicklingError, match="torch.serialization"):
         protocol.deserialize_named_tensors(payload)
     assert not victim.exists()
-    http(target.url, "/begin_weight_update", {})
+    target = start_target(kind, model_dir)
     try:
+        http(target.url, "/begin_weight_update", {})
         for fmt in (None, "flattened_bucket"):
-            status, reply, _ = http(target.url, "/update_weights_from_tensor",
-                                    protocol.tensor_update_request(payload, 1, None, fmt))
-            assert status == 400 and "refusing to unpickle" in reply["message"]
+            body = protocol.tensor_update_request(payload, 1, None, fmt)
+            if kind == "serve":
+                status, reply, _ = http(target.url, "/update_weights_from_tensor", body)
+                assert status == 400 and "refusing to unpickle" in reply["message"]
+            else:
+                with pytest.raises((urllib.error.URLError, ConnectionError)):
+                    http(target.url, "/update_weights_from_tensor", body)
+                assert target.proc.wait(30) != 0
+                break
+        if kind == "serve":
+            http(target.url, "/end_weight_update", {})
+            assert gen(target.url, [1, 2], max_new_tokens=2)[0] == 200
     finally:
-        http(target.url, "/end_weight_update", {})
+        target.stop()
     assert not victim.exists()
 
 
@@ -263,11 +344,12 @@ def test_top_k_one_is_greedy_whatever_the_seed(target):
         assert got == greedy
 
 
-def test_eos_stop_tokens_min_new_tokens_and_stop_strings(target):
+def test_the_models_eos_ends_a_completion_unless_ignore_eos(target):
+    serve_only(target, "the test sets the EOS of a running server")
     url = target.url
     greedy = gen(url, [4, 5, 6], max_new_tokens=6, temperature=0)[1]["output_ids"]
     first = greedy[0]
-    target.eos_ids = [first]  # the model's EOS is the first greedy token
+    target.server.eos_ids = [first]  # the model's EOS is the first greedy token
     try:
         item = gen(url, [4, 5, 6], max_new_tokens=6, temperature=0)[1]
         assert item["output_ids"] == [first]
@@ -275,7 +357,14 @@ def test_eos_stop_tokens_min_new_tokens_and_stop_strings(target):
         item = gen(url, [4, 5, 6], max_new_tokens=6, temperature=0, ignore_eos=True)[1]
         assert item["output_ids"] == greedy
     finally:
-        target.eos_ids = []
+        target.server.eos_ids = []
+
+
+def test_stop_tokens_min_new_tokens_and_stop_strings(target):
+    url = target.url
+    greedy = gen(url, [4, 5, 6], max_new_tokens=6, temperature=0,
+                 ignore_eos=True)[1]["output_ids"]
+    first = greedy[0]
     # min_new_tokens: a stop token cannot end the completion before it.
     item = gen(url, [4, 5, 6], max_new_tokens=6, temperature=0, stop_token_ids=[first],
                min_new_tokens=3)[1]
@@ -296,9 +385,10 @@ def test_eos_stop_tokens_min_new_tokens_and_stop_strings(target):
 @pytest.mark.parametrize("sampling,needle", [
     ({"max_new_tokens": 10 ** 9}, "maximum context length"),
     ({"regex": "a+"}, "regex"), ({"frequency_penalty": 0.5}, "frequency_penalty"),
-    ({"top_k": 0}, "top_k"), ({"min_new_tokens": 9, "max_new_tokens": 3}, "min_new_tokens"),
-    ({"stop_token_ids": [400]}, "stop_token_ids")])
+    ({"top_k": 0}, "top_k"), ({"min_new_tokens": 9, "max_new_tokens": 3}, "min_new_tokens")])
 def test_unsupported_or_out_of_range_sampling_is_a_400(target, sampling, needle):
+    if needle in ("regex", "frequency_penalty"):
+        serve_only(target, "SGLang applies it (the harness's stub engine refuses it)")
     status, reply, _ = gen(target.url, [1, 2], **sampling)
     assert status == 400 and needle in json.dumps(reply)
 
@@ -324,9 +414,7 @@ def test_long_generation_health_flush_and_abort(target):
 
     t = threading.Thread(target=run)
     t.start()
-    deadline = time.monotonic() + 30
-    while not target._running and time.monotonic() < deadline:
-        time.sleep(0.01)
+    time.sleep(1.0)  # under way
     t0 = time.monotonic()
     assert http(target.url, "/health_generate", timeout=10)[0] == 200
     assert time.monotonic() - t0 < 5
@@ -336,55 +424,89 @@ def test_long_generation_health_flush_and_abort(target):
     status, item, _ = result["reply"]
     assert status == 200 and item["meta_info"]["finish_reason"]["type"] == "abort"
     assert len(item["output_ids"]) < steps
-    assert http(target.url, "/flush_cache", {})[0] == 200
+    # SGLang may still be finishing the health check's one-token request: flush soon succeeds.
+    deadline = time.monotonic() + 10
+    while http(target.url, "/flush_cache", {})[0] != 200:
+        assert time.monotonic() < deadline, "the cache was never flushed"
+        time.sleep(0.1)
 
 
 # ---- the client against this contract ----------------------------------------------------------
 
-def test_client_cycle_uses_sessions_flattened_buckets_and_release(model_dir):
-    """Pushes bracketed by a session, as flattened buckets, confirmed through /model_info
-    and a text /flush_cache; with release_memory the servers hand their memory back and the
-    next generate reloads the weights (which the resume left zeroed)."""
+@pytest.mark.parametrize("kind", ["serve", "sglang"])
+@pytest.mark.parametrize("transport", ["tensor", "distributed", "disk"])
+def test_client_cycle_sessions_versions_and_release(kind, transport, model_dir, tmp_path):
+    """The client's whole cycle against one server holding both weight sets in turn:
+    introduce, push (tensor pushes as flattened buckets inside a session, distributed ones
+    over a gloo group inside a session, disk ones as a directory), confirm through
+    /model_info and a text /flush_cache, generate from each set; with release_memory the
+    server hands its memory back and the next generate reloads the weights."""
     weights = {m: list(hf_model(KW, seed=s).state_dict().items())
                for m, s in (("policy", 3), ("momentum", 4))}
     ref = EmbeddedEngine(CFG)
     for m, named in weights.items():
         ref.update_weights(m, [named], version=1)
-    server = EmbeddedServer(EmbeddedEngine(CFG, sets=("policy",))).start()
-    client = Server(server.url)
+    target = start_target(kind, model_dir, process=True)  # a gloo group spans two processes
+    client = Server(target.url)
     paths = []
     call = client.call
     client.call = lambda path, *a, **k: (paths.append((path, (a[0] if a else {}) or {})),
                                          call(path, *a, **k))[1]
     clients = [client]
     engine = SGLangEngine({"policy": clients, "momentum": clients},
-                          make_transport("tensor", 1 << 16, timeout_s=60),
-                          request_timeout_s=60, release_memory=True, log=lambda _: None)
+                          make_transport(transport, 1 << 16, directory=str(tmp_path),
+                                         hf_config=CFG, backend="gloo", timeout_s=120),
+                          request_timeout_s=120, release_memory=True, log=lambda _: None)
     params = SamplingParams(temperature=1.0, max_new_tokens=5, seed=3)
     try:
         assert client.version >= protocol.SESSION_SINCE
-        for m, named in weights.items():
-            engine.update_weights(m, [named], version=1)
-        for m in ("policy", "momentum"):
-            got = engine.generate([[1, 2, 3]], 2, params, m)
-            assert [c.token_ids for c in got[0]] == \
-                [c.token_ids for c in ref.generate([[1, 2, 3]], 2, params, m)[0]]
-        engine.release_memory()
-        assert http(server.url, "/generate", {"input_ids": [1]})[0] == 400  # released
-        got = engine.generate([[1, 2, 3]], 2, params, "policy")
-        assert [c.token_ids for c in got[0]] == \
-            [c.token_ids for c in ref.generate([[1, 2, 3]], 2, params, "policy")[0]]
+        for version in (1, 2):
+            for m in ("policy", "momentum"):
+                engine.update_weights(m, [weights[m]], version=version)
+                got = engine.generate([[1, 2, 3]], 2, params, m)
+                assert [c.token_ids for c in got[0]] == \
+                    [c.token_ids for c in ref.generate([[1, 2, 3]], 2, params, m)[0]], m
+            engine.release_memory()
+            if kind == "serve":  # SGLang's would generate from undefined memory
+                assert http(target.url, "/generate", {"input_ids": [1]})[0] == 400
+        assert http(target.url, "/model_info")[1]["weight_version"] == "momentum:2"
     finally:
         engine.close()
-        server.stop()
+        target.stop()
     names = [p for p, _ in paths]
-    begin = names.index("/begin_weight_update")
-    assert names[begin:].index("/update_weights_from_tensor") < \
-        names[begin:].index("/end_weight_update")
-    tensor_bodies = [b for p, b in paths if p == "/update_weights_from_tensor"]
-    assert tensor_bodies and all(b["load_format"] == "flattened_bucket" for b in tensor_bodies)
-    assert "/flush_cache" in names and "/get_weight_version" not in names
+    assert "/get_weight_version" not in names and "/flush_cache" in names
     assert names.index("/release_memory_occupation") < names.index("/resume_memory_occupation")
+    if transport != "disk":
+        loads = f"/update_weights_from_{transport}"
+        for i, name in enumerate(names):  # every load inside a session
+            if name == loads:
+                assert "/begin_weight_update" in names[:i]
+                opened = len(names) - 1 - names[:i][::-1].index("/begin_weight_update")
+                assert "/end_weight_update" not in names[opened:i]
+    if transport == "tensor":
+        bodies = [b for p, b in paths if p == "/update_weights_from_tensor"]
+        assert bodies and all(b["load_format"] == "flattened_bucket" for b in bodies)
+
+
+@pytest.mark.parametrize("kind", ["serve", "sglang"])
+def test_a_server_killed_mid_generation_is_a_one_line_rollout_error(kind, model_dir):
+    target = start_target(kind, model_dir, process=True)
+    client = Server(target.url)
+    engine = SGLangEngine({"policy": [client], "momentum": [client]},
+                          make_transport("tensor", 1 << 20, timeout_s=30),
+                          request_timeout_s=30, log=lambda _: None)
+    steps = target.context_len - 8
+    killer = threading.Timer(1.5, target.proc.kill)
+    killer.start()
+    try:
+        with pytest.raises(RolloutError) as e:
+            engine.generate([[1, 2]], 1, SamplingParams(max_new_tokens=steps, seed=1,
+                                                        stop_token_ids=[]), "policy")
+        assert "\n" not in str(e.value)
+    finally:
+        killer.join()
+        engine.close()
+        target.stop()
 
 
 # ---- waits, one-line errors, processes (issue 21) ---------------------------------------------

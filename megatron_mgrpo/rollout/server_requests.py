@@ -10,7 +10,8 @@ with 400 (`Invalid`), never ignored:
   a completion), `no_stop_trim`, `skip_special_tokens`, `spaces_between_special_tokens`, `n`,
   `sampling_seed`; penalties, `min_p` and `logit_bias` at their neutral values.
 - refused: anything else (constrained decoding, penalties, LoRA, images, custom logit
-  processors, top log-probs, hidden states, unknown fields).
+  processors, top log-probs, hidden states, the other GenerateReqInput fields that change
+  the output); fields GenerateReqInput does not have are ignored, as SGLang ignores them.
 
 Limits, as SGLang's tokenizer manager words them: a prompt of the context length or more, and
 prompt + max_new_tokens beyond it, are 400s. One request takes one set of sampling parameters
@@ -41,7 +42,29 @@ REQUEST_FIELDS = {"rid", "text", "input_ids", "sampling_params", "return_logprob
                   "custom_logit_processor", "lora_path", "image_data", "video_data",
                   "audio_data", "input_embeds", "session_params", "bootstrap_host",
                   "bootstrap_port", "bootstrap_room", "data_parallel_rank", "modalities"}
-"""The GenerateReqInput fields this server knows (the rest are refused as unknown)."""
+"""The GenerateReqInput fields this server reads."""
+
+METADATA_FIELDS = {"custom_labels", "routing_key", "external_trace_header", "no_logs",
+                   "received_time", "http_worker_ipc", "conversation_id", "extra_key",
+                   "cache_salt", "priority", "routed_dp_rank", "disagg_prefill_dp_rank",
+                   "decode_tp_size", "bootstrap_pair_key", "kv_hints", "num_items_assigned"}
+"""GenerateReqInput fields (0.5.23) that route, label or log a request: accepted whatever
+their value, since a single embedded engine's output does not depend on them."""
+
+UNSET_ONLY_FIELDS = {
+    "background", "encoder_urls", "image_max_dynamic_patch", "images_config", "lora_id",
+    "max_dynamic_patch", "max_thinking_tokens", "min_dynamic_patch", "mm_content_hashes",
+    "mm_hashes", "mm_processor_kwargs", "multi_item_delimiter_indices",
+    "need_wait_for_mm_inputs", "positional_embed_overrides", "require_reasoning",
+    "return_bytes", "return_entropy", "return_flat_raw_output_top_logprobs",
+    "return_flat_raw_top_logprobs", "return_flat_raw_top_logprobs_b64",
+    "return_indexer_topk", "return_prompt_token_ids", "return_routed_experts",
+    "return_sampling_mask", "routed_experts_start_len", "sampling_logprobs_mode", "session_id",
+    "token_indices_to_pool", "use_audio_in_video", "video_config", "video_max_dynamic_patch",
+    "watermark"}
+"""The other GenerateReqInput fields (0.5.23): they change what is generated or returned,
+which this server does not do, so they are accepted only unset (null, false, empty). Fields
+GenerateReqInput does not have are ignored, as SGLang's request parsing ignores them."""
 
 NEUTRAL = {"top_logprobs_num": (None, 0), "token_ids_logprob": (None,),
            "return_hidden_states": (None, False), "custom_logit_processor": (None,),
@@ -102,9 +125,9 @@ def parse_generate(body: Any, tokenizer, vocab_size: int, context_len: int,
     """A `/generate` body -> the request to run; Invalid / Refused for anything else."""
     if not isinstance(body, dict):
         raise Invalid("the body must be a JSON object")
-    unknown = set(body) - REQUEST_FIELDS
-    if unknown:
-        raise Invalid(f"unknown field(s) {', '.join(sorted(unknown))}")
+    for key in sorted(UNSET_ONLY_FIELDS & set(body)):
+        if body[key] not in (None, False, 0, "", [], {}):
+            raise Refused(f"{key} is not supported by mgrpo serve")
     for key, allowed in NEUTRAL.items():
         if key in body and body[key] not in allowed:
             raise Refused(f"{key} is not supported by mgrpo serve")
@@ -223,9 +246,10 @@ def _sampling(per_item: List[Any], vocab_size: int, eos_ids: Sequence[int], toke
         raise Refused("stop strings need a tokenizer: this model directory has none")
     stop_ids = s.get("stop_token_ids") or []
     if not isinstance(stop_ids, list) or not all(
-            isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab_size
-            for t in stop_ids):
-        raise Invalid(f"stop_token_ids: expected token ids in [0, {vocab_size})")
+            isinstance(t, int) and not isinstance(t, bool) for t in stop_ids):
+        raise Invalid("stop_token_ids: expected a list of token ids")
+    # SGLang takes any id; one outside the vocabulary can never be drawn, so never stops.
+    stop_ids = [t for t in stop_ids if 0 <= t < vocab_size]
     ignore_eos = _typed("ignore_eos", s.get("ignore_eos", False), (bool,))
     ids = sorted(set(stop_ids) | (set() if ignore_eos else set(eos_ids)))
     seeds = []
