@@ -320,3 +320,20 @@ def test_trained_export_reloads_and_reproduces_the_engine(tokenizer, prompts, tr
           f"{[round(h['step_time_s'], 1) for h in history]} s, largest weight change "
           f"{moved:.3g}; greedy completions equal after export: {completions == want}")
     assert completions == want
+
+
+# ---- the benchmark ----------------------------------------------------------------------------
+
+def test_benchmark_prints_its_figures():
+    """benchmarks/smollm2.py at toy sizes: every figure a clean JSON line, greedy equal."""
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "smollm2.py"),
+                        "--model", SMOLLM2, "--prompts", "2", "--new-tokens", "4",
+                        "--repeats", "1", "--seq-len", "32", "--micro-batch", "1",
+                        "--steps", "1", "--threads", "1"],
+                       capture_output=True, text=True, timeout=DEADLOCK_GUARD_S, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-3000:]
+    figures = {f["name"]: f for f in map(json.loads, r.stdout.splitlines())}
+    for name in ("engine_tokens_per_s", "hf_generate_tokens_per_s", "engine_over_hf_generate",
+                 "train_tokens_per_s", "train_mfu_vs_measured_gemm"):
+        assert figures[f"smollm2.{name}"]["value"] > 0, name
+    assert figures["smollm2.greedy_completions_equal"]["value"] == 1
