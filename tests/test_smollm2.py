@@ -270,7 +270,7 @@ def train_worker(args, prompts, eos):
     with Session(cfg, "train") as session:
         history = run_training(session)
         params = SamplingParams(temperature=0, max_new_tokens=32, stop_token_ids=[eos])
-        completions = [g[0].token_ids for g in session.engine.generate(prompts, 1, params)] if prompts else []
+        completions = [g[0].token_ids for g in session.engine.generate(prompts, 1, params)]
         engine_weights = {k: v.detach().clone() for k, v in
                           session.engine.hf_model("policy").state_dict().items()
                           if k in ("model.embed_tokens.weight",
