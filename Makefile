@@ -55,9 +55,8 @@ $(SMOLLM2)/fetch_smollm2.json: | $(VENV)/.installed-real
 smollm2: $(SMOLLM2)/fetch_smollm2.json
 
 # Conversion, logits and a training step (TP=1, TP=3, PP=2), the engine's greedy completions and
-# a trained export
-# against transformers on the real weights (tests/test_smollm2.py); ~7 minutes on 2 cores.
-# -rP prints the figures each check measured.
+# a trained export against transformers on the real weights (tests/test_smollm2.py); ~7 minutes
+# on 2 cores. -rP prints the figures each check measured.
 test-smollm2: smollm2
 	MGRPO_SMOLLM2_DIR=$(SMOLLM2) $(PY) -m pytest -q -rP --show-capture=stdout -m smollm2 \
 		tests/test_smollm2.py $(ARGS)
