@@ -570,3 +570,21 @@ def test_a_lost_server_is_a_one_line_rollout_error():
         assert "\n" not in str(e.value)
     finally:
         engine.close()
+
+
+def test_an_sglang_older_than_0523_is_refused_in_one_line(monkeypatch):
+    """The client speaks the contract this suite checks against 0.5.23's own server; an older
+    server (no weight-update sessions) is named, not half-served."""
+    from megatron_mgrpo.rollout import server as served
+
+    monkeypatch.setattr(served, "SGLANG_VERSION", "0.5.22")
+    server = EmbeddedServer(EmbeddedEngine(CFG, sets=("policy",))).start()
+    try:
+        with pytest.raises(RolloutError) as e:
+            SGLangEngine({"policy": [Server(server.url)], "momentum": [Server(server.url)]},
+                         make_transport("tensor", 1 << 20, timeout_s=30),
+                         request_timeout_s=10, log=lambda _: None)
+        assert str(e.value) == (f"{server.url} runs SGLang 0.5.22; this client needs SGLang "
+                                ">= 0.5.23 (its weight-update sessions and /model_info)")
+    finally:
+        server.stop()

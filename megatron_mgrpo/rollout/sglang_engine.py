@@ -14,12 +14,13 @@ Versions: each set's version is stamped on the servers (`policy:12`, SGLang's we
 only after every bucket arrived; every `/generate` response carries the version that made it,
 and a completion from any other version is thrown away and redone.
 
-SGLang versions: each server is asked once for `/server_info` (`version`; `/get_server_info`
-before 0.5.x renamed it). From 0.5.23 (`protocol.SESSION_SINCE`) tensor and distributed loads
+SGLang versions: each server is asked once for `/server_info` (`version`); one older than
+0.5.23 (`protocol.SESSION_SINCE`) is refused in one line, since the contract below is the one
+tested against 0.5.23's own server (tests/test_sglang_contract.py). Tensor and distributed loads
 run inside `/begin_weight_update` ... `/end_weight_update`, as 0.5.23 requires; the held weight
-version is read from `/model_info` (`/get_weight_version` where a server lacks it);
-`/flush_cache` answers text and 400 while requests run, and is retried until it succeeds, since
-a prefix cache filled by the old weights must never serve the new ones.
+version is read from `/model_info`; `/flush_cache` answers text and 400 while requests run, and
+is retried until it succeeds, since a prefix cache filled by the old weights must never serve
+the new ones.
 
 Memory: with `release_memory` (swap placement, servers colocated on the training GPUs),
 `release_memory()` hands the servers' weights and KV cache back before training
@@ -110,27 +111,27 @@ class SGLangEngine(RolloutEngine):
         except ServerError as e:
             if e.status != 404:
                 raise
-            info = s.call("/get_server_info", timeout=self.request_timeout_s)
+            info = {}  # SGLang before 0.5.x named it /get_server_info
         if not isinstance(info, dict):
             raise RolloutError(f"{s.url}/server_info: not an SGLang server info object: "
                                f"{str(info)[:100]!r}")
         s.version = protocol.parse_version(info.get("version"))
+        if s.version < protocol.SESSION_SINCE:
+            need = ".".join(map(str, protocol.SESSION_SINCE))
+            raise RolloutError(f"{s.url} runs SGLang {info.get('version') or '(unknown)'}; "
+                               f"this client needs SGLang >= {need} (its weight-update "
+                               f"sessions and /model_info)")
         s.tp_size = int(info.get("tp_size") or 1)
         s.released = False
         s.holds = self._held(s)
 
     def _held(self, s: Server, timeout: Optional[float] = None) -> Optional[str]:
-        """The weight version the server reports: /model_info's (0.5.23), else
-        /get_weight_version's (older SGLang)."""
-        timeout = timeout or self.request_timeout_s
-        try:
-            info = s.call("/model_info", timeout=timeout)
-            if isinstance(info, dict) and "weight_version" in info:
-                return info["weight_version"]
-        except ServerError as e:
-            if e.status != 404:
-                raise
-        return s.call("/get_weight_version", timeout=timeout).get("weight_version")
+        """The weight version the server reports (/model_info's)."""
+        info = s.call("/model_info", timeout=timeout or self.request_timeout_s)
+        if not isinstance(info, dict) or "weight_version" not in info:
+            raise RolloutError(f"{s.url}/model_info has no weight_version: "
+                               f"{str(info)[:100]!r}")
+        return info["weight_version"]
 
     def _abort(self, s: Server) -> None:
         """Best effort: drop every request the server still runs (a stalled request we gave
@@ -215,17 +216,17 @@ class SGLangEngine(RolloutEngine):
             if s.released:
                 s.call("/resume_memory_occupation", protocol.memory_request(), timeout)
                 s.released = False
-            _optional(s, "/pause_generation")
-            if session and s.version >= protocol.SESSION_SINCE:
+            s.call("/pause_generation", {}, timeout)
+            if session:
                 _open_session(s, timeout)
             s.call("/update_weight_version", protocol.version_request(tag + protocol.PARTIAL))
 
         def confirm(s):
-            if session and s.version >= protocol.SESSION_SINCE:
+            if session:
                 s.call("/end_weight_update", {}, timeout)
             s.call("/update_weight_version", protocol.version_request(tag), timeout)
             _flush(s, timeout, self.log)
-            _optional(s, "/continue_generation")
+            s.call("/continue_generation", {}, timeout)
             got = self._held(s, timeout)
             if got != tag:
                 raise WeightUpdateError(f"{s.url} reports weight version {got!r} after the "
@@ -423,15 +424,6 @@ def _flush(s: Server, timeout: float, log: Callable[[str], None]) -> None:
                 log(f"rollout: {s.url}/flush_cache refused while requests run; retrying "
                     f"({now - start:.0f} s of {timeout:.0f} s)")
             time.sleep(0.2)
-
-
-def _optional(s: Server, path: str) -> None:
-    """An endpoint older SGLang versions lack; our calls never overlap generation anyway."""
-    try:
-        s.call(path, {})
-    except ServerError as e:
-        if e.status not in (400, 404, 405, 422):
-            raise
 
 
 def make_sglang_engine(g, model_path: str, bucket_bytes: int, run_dir: str,
