@@ -15,7 +15,10 @@ loads through its `DefaultModelLoader`), on SGLang's CUDA torch running on the C
 
 The stub, small and written from the 0.5.23 source: `generate_request` (tokenise, validate
 with SGLang's own `SamplingParams.normalize/verify`, run the embedded engine, shape the reply
-as `TokenizerManager._handle_batch_output` does); the "model" under `WeightUpdater`
+as `TokenizerManager._handle_batch_output` does; streamed, the cumulative item after every
+token, as the detokenizer's outputs reach the real manager, so SGLang's OpenAI streams build
+their deltas from real steps; a client gone mid-request aborts its rows, as SGLang's
+`_release_req_states_on_failure` does); the "model" under `WeightUpdater`
 (`load_weights` hands the tensors to the embedded engine); a scheduler thread that answers the
 control requests the way `Scheduler` does (flush only when idle, abort, weight version).
 """
@@ -165,6 +168,9 @@ def _manager_class():
                 self._result_dispatcher(out)
 
         async def generate_request(self, obj, request=None):
+            """The rows' replies as `TokenizerManager.generate_request` yields them: one
+            (a list for a batch) when done, or, streamed, each row's cumulative item after
+            every token and its final item when it ends (a batch's with its `index`)."""
             from sglang.srt.sampling.sampling_params import SamplingParams
 
             obj.normalize_batch_and_arguments()
@@ -175,6 +181,7 @@ def _manager_class():
             sps = [obj.sampling_params] if single else obj.sampling_params
             for rid in rids:
                 self.rid_to_state[rid] = types.SimpleNamespace(abort_sent=False, obj=obj)
+            finished = False
             try:
                 async with self.is_pause_cond:
                     await self.is_pause_cond.wait_for(lambda: not self.is_pause)
@@ -190,13 +197,50 @@ def _manager_class():
                         _refuse_what_the_engine_lacks(sp)
                         items.append((rid, list(prompt), sp))
                     start = time.time()
-                    done = await asyncio.get_running_loop().run_in_executor(
-                        None, self.scheduler.generate, items)
-                    self.last_receive_tstamp = time.time()
-                    outs = [self._reply(rid, prompt, sp, c, matched, obj, start)
-                            for (rid, prompt, sp), (c, matched) in zip(items, done)]
-                    yield outs[0] if single else outs
+                    # The scheduler thread posts each event into this loop, as the
+                    # detokenizer's outputs reach the real manager's `handle_loop`.
+                    loop, events = asyncio.get_running_loop(), asyncio.Queue()
+
+                    def post(*event):
+                        loop.call_soon_threadsafe(events.put_nowait, event)
+
+                    def run():
+                        try:
+                            post("done", self.scheduler.generate(
+                                items, on_token=(lambda *a: post("token", *a))
+                                if obj.stream else None,
+                                on_row=(lambda *a: post("row", *a)) if obj.stream else None))
+                        except BaseException as e:  # noqa: BLE001 - raised in the loop below
+                            post("error", e)
+
+                    loop.run_in_executor(None, run)
+                    while True:
+                        kind, *event = await events.get()
+                        if kind == "error":
+                            raise event[0]
+                        self.last_receive_tstamp = time.time()
+                        if kind == "done":
+                            finished = True
+                            if not obj.stream:
+                                outs = [self._reply(rid, prompt, sp, c, matched, obj, start)
+                                        for (rid, prompt, sp), (c, matched)
+                                        in zip(items, event[0])]
+                                yield outs[0] if single else outs
+                            break
+                        k, rid, prompt, sp = (event[0], *items[event[0]])
+                        if kind == "token":  # (k, ids, logprobs): not the row's last
+                            c = types.SimpleNamespace(token_ids=event[1], logprobs=event[2],
+                                                      finish_reason="length")
+                            out = self._reply(rid, prompt, sp, c, None, obj, start)
+                            out["meta_info"]["finish_reason"] = None
+                        else:  # "row" (k, completion, matched): its final item
+                            out = self._reply(rid, prompt, sp, event[1], event[2], obj, start)
+                        yield out if single else {**out, "index": k}
             finally:
+                if not finished:  # the client left (or a refusal): SGLang aborts its rows
+                    for rid in rids:
+                        if rid in self.rid_to_state:
+                            self.abort_request(rid)
                 for rid in rids:
                     self.rid_to_state.pop(rid, None)
 
@@ -268,22 +312,22 @@ class _Row:
     """A row's stop strings, checked after every token as SGLang's scheduler does
     (`Req.check_finished`: the decoded tail of the output ends with one)."""
 
-    def __init__(self, tokenizer, stops: List[str], on_token):
-        self.tokenizer, self.stops, self.on_token = tokenizer, stops, on_token
+    def __init__(self, tokenizer, stops: List[str], heard, on_token=None):
+        self.tokenizer, self.stops, self.heard, self.on_token = tokenizer, stops, heard, on_token
         self.ids: List[int] = []
+        self.logprobs: List[float] = []
         self.matched = None
 
     def step(self, rows, tokens, logprobs, ends):
-        self.on_token()
+        self.heard()
         self.ids.append(tokens[0])
-        if not self.stops or ends[0]:
-            return ()
-        tail = self.tokenizer.decode(self.ids[-max(len(s) for s in self.stops) - 8:])
-        for s in self.stops:
-            if s in tail:
-                self.matched = s
-                return (0,)
-        return ()
+        self.logprobs.append(logprobs[0])
+        if self.stops and not ends[0]:
+            tail = self.tokenizer.decode(self.ids[-max(len(s) for s in self.stops) - 8:])
+            self.matched = next((s for s in self.stops if s in tail), None)
+        if self.on_token is not None and not ends[0] and self.matched is None:
+            self.on_token(list(self.ids), list(self.logprobs))  # the row goes on
+        return () if self.matched is None else (0,)
 
 
 class _Model(torch.nn.Module):
@@ -356,7 +400,10 @@ class Scheduler:
         if new_version is not None:
             get_context().override("scheduler.weight_version", weight_version=new_version)
 
-    def generate(self, items) -> list:
+    def generate(self, items, on_token=None, on_row=None) -> list:
+        """Each item's (completion, matched stop string), generated in turn;
+        `on_token(k, ids, logprobs)` after each of item k's tokens but its last,
+        `on_row(k, completion, matched)` once it ends."""
         from sglang.srt.constants import GPU_MEMORY_TYPE_WEIGHTS
 
         cancel = threading.Event()
@@ -373,7 +420,7 @@ class Scheduler:
                 eos_ids = set(self.manager.model_config.hf_eos_token_id or ())
                 eos_ids.add(self.manager.tokenizer.eos_token_id)
                 eos_ids = {int(t) for t in eos_ids if t is not None and 0 <= t < vocab}
-                for rid, prompt, sp in items:
+                for k, (rid, prompt, sp) in enumerate(items):
                     stops = set(sp.stop_token_ids or ())
                     if not sp.ignore_eos:
                         stops |= eos_ids
@@ -382,11 +429,15 @@ class Scheduler:
                         top_k=-1 if sp.top_k >= 1 << 30 else sp.top_k,
                         max_new_tokens=sp.max_new_tokens, min_new_tokens=sp.min_new_tokens,
                         stop_token_ids=sorted(stops))
-                    row = _Row(self.manager.tokenizer, list(sp.stop_strs or ()), self._heard)
+                    row = _Row(self.manager.tokenizer, list(sp.stop_strs or ()), self._heard,
+                               None if on_token is None else
+                               lambda ids, lps, k=k: on_token(k, ids, lps))
                     c = self.engine.generate_rows([prompt], [sp.sampling_seed], params, MODEL,
                                                   should_stop=cancel.is_set,
                                                   on_step=row.step)[0]
                     out.append((c, row.matched))
+                    if on_row is not None:
+                        on_row(k, c, row.matched)
                 return out
         finally:
             for rid, _, _ in items:
