@@ -505,9 +505,30 @@ def load_tokenizer(model: str):
     try:
         from transformers import AutoTokenizer
 
-        return AutoTokenizer.from_pretrained(model, local_files_only=True)
+        tok = AutoTokenizer.from_pretrained(model, local_files_only=True)
     except Exception:  # noqa: BLE001 - a directory without a usable tokenizer serves ids
         return None
+    _restore_tokenizer_json_components(tok, os.path.join(model, "tokenizer.json"))
+    return tok
+
+
+def _restore_tokenizer_json_components(tok, path: str) -> None:
+    """transformers 5 rebuilds a tokenizer class's pre-tokenizer and decoder (Qwen2's, say)
+    over tokenizer.json's; SGLang puts tokenizer.json's back where their kinds differ
+    (`hf_transformers/tokenizer.py::_fix_v5_tokenizer_components`), and so tokenises as
+    the file says. So does this server, to count and cut the same tokens."""
+    backend = getattr(tok, "_tokenizer", None)
+    if backend is None or not os.path.exists(path):
+        return
+    from tokenizers import Tokenizer
+
+    try:
+        raw = Tokenizer.from_file(path)
+    except Exception:  # noqa: BLE001 - as SGLang: keep what transformers built
+        return
+    if raw.pre_tokenizer is not None and backend.pre_tokenizer is not None and \
+            type(raw.pre_tokenizer) is not type(backend.pre_tokenizer):
+        backend.pre_tokenizer, backend.decoder = raw.pre_tokenizer, raw.decoder
 
 
 def serve(model: str, host: str = "127.0.0.1", port: int = 30000, dtype: str = "float32",

@@ -277,7 +277,10 @@ def reply_item(c: Completion, rid: str, prompt_len: int, weight_version: str, la
     decoding of the tokens, else the tokenizer's)."""
     skip = req.sampling.skip_special_tokens
     if text is None:
-        text = tokenizer.decode(c.token_ids, skip_special_tokens=skip) if tokenizer else ""
+        ids = c.token_ids
+        if c.finish_reason == "stop" and matched_str is None and not req.sampling.no_stop_trim:
+            ids = ids[:-1]  # SGLang's detokenizer trims the stop token (`trim_matched_stop`)
+        text = tokenizer.decode(ids, skip_special_tokens=skip) if tokenizer else ""
     if matched_str is not None and not req.sampling.no_stop_trim:
         text = text[:text.find(matched_str)] if matched_str in text else text
     if c.finish_reason == "stop":
