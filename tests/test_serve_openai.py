@@ -1,11 +1,13 @@
-"""`mgrpo serve`'s OpenAI-compatible API and its token streams, through the real `openai`
-client (`rollout/server_openai.py`, `server_stream.py`), checked against the embedded engine
-the server runs: the same greedy or seeded tokens, decoded by the model's tokenizer.
+"""The OpenAI-compatible API and token streams, through the real `openai` client, against
+`mgrpo serve` (`rollout/server_openai.py`, `server_stream.py`) and SGLang 0.5.23's own OpenAI
+serving code (`tests/sglang_harness.py`, where `sglang` imports): the same greedy or seeded
+tokens as the embedded engine both run, decoded by the model's tokenizer, in SGLang's reply
+and chunk shapes. `serve_only` marks what only `mgrpo serve` does, and why.
 
-The model is the tiny Qwen2 of `tests/test_sglang_contract.py` (one character per token)
-with a chat template set on its tokenizer. Its greedy output repeats a character, so the
-tests that need varied text sample with a seed (the engine's per-row seed is SGLang's
-`sampling_seed`, which a request's `seed` sets).
+The model is the tiny Qwen2 of `tests/serve_targets.py` (one character per token) with a chat
+template set on its tokenizer. Its greedy output repeats a character, so the tests that need
+varied text sample with a seed (the engine's per-row seed is SGLang's `sampling_seed`, which
+a request's `seed` sets).
 """
 
 import json
@@ -19,10 +21,10 @@ openai = pytest.importorskip("openai")
 from megatron_mgrpo.rollout.base import SamplingParams  # noqa: E402
 from megatron_mgrpo.rollout.embedded import EmbeddedEngine  # noqa: E402
 from megatron_mgrpo.rollout.server import EmbeddedServer, load_tokenizer  # noqa: E402
-from tests.test_hf_reference import hf_model  # noqa: E402
-from tests.test_sglang_contract import CHARS, KW, http  # noqa: E402
+from tests.serve_targets import build_model_dir, serve_only, start_target  # noqa: E402
+from tests.test_sglang_contract import http  # noqa: E402
 
-# Only characters the one-character tokenizer knows (others read as "a"; it drops spaces).
+# Only characters the one-character tokenizer knows (others read as "a").
 CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'] }}={{ m['content'] }}.{% endfor %}"
                  "{% if add_generation_prompt %}assistant={% endif %}")
 MESSAGES = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "2+2="}]
@@ -31,26 +33,21 @@ MESSAGES = [{"role": "system", "content": "be brief"}, {"role": "user", "content
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     """A tiny Qwen2, its one-character-per-token tokenizer with a chat template."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    out = str(tmp_path_factory.mktemp("openai_model"))
-    hf_model(KW, seed=3).save_pretrained(out, safe_serialization=True)
-    tok = Tokenizer(models.WordLevel({c: i for i, c in enumerate(CHARS)}, unk_token="a"))
-    tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok)
-    fast.chat_template = CHAT_TEMPLATE
-    fast.save_pretrained(out)
-    return out
+    return build_model_dir(str(tmp_path_factory.mktemp("openai_model")), CHAT_TEMPLATE)
 
 
-@pytest.fixture(scope="module")
-def server(model_dir):
-    engine = EmbeddedEngine.from_pretrained(model_dir, sets=("policy",))
-    server = EmbeddedServer(engine, model_path=model_dir,
-                            tokenizer=load_tokenizer(model_dir)).start()
-    yield server
-    server.stop()
+@pytest.fixture(scope="module", params=["serve", "sglang"])
+def server(request, model_dir):
+    """The target (`tests/serve_targets.py`), with the engine and tokenizer it serves: for
+    SGLang's app (another process), the same weights loaded here."""
+    target = start_target(request.param, model_dir)
+    if target.server is not None:
+        target.engine, target.tokenizer = target.server.engine, target.server.tokenizer
+    else:
+        target.engine = EmbeddedEngine.from_pretrained(model_dir, sets=("policy",))
+        target.tokenizer = load_tokenizer(model_dir)
+    yield target
+    target.stop()
 
 
 @pytest.fixture(scope="module")
@@ -90,7 +87,7 @@ def test_greedy_completion_is_the_engines_and_counts_its_tokens(client, server):
     assert r.choices[0].index == 0 and r.choices[0].logprobs is None
     assert (r.usage.prompt_tokens, r.usage.completion_tokens, r.usage.total_tokens) == (
         len(ids), 7, len(ids) + 7)
-    assert r.metadata == {"weight_version": server.weight_version}
+    assert r.metadata == {"weight_version": http(server.url, "/model_info")[1]["weight_version"]}
     # A seeded sample is the engine's too, from token ids as from text; a batch keeps order.
     want, _ = engine_text(server, ids, 9, temperature=1.0, seed=11)
     r = client.completions.create(model="tiny", prompt=[ids, server.tokenizer.encode("q")],
@@ -101,7 +98,7 @@ def test_greedy_completion_is_the_engines_and_counts_its_tokens(client, server):
 
 def test_chat_completion_is_the_engine_on_the_chat_template(client, server):
     ids = chat_ids(server)
-    assert server.tokenizer.decode(ids) == "system=bebrief.user=2+2=.assistant="
+    assert server.tokenizer.decode(ids) == "system=be brief.user=2+2=.assistant="
     want, _ = engine_text(server, ids, 8, temperature=1.0, seed=5)
     r = client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=8,
                                        temperature=1.0, seed=5)
@@ -146,8 +143,9 @@ def test_finish_reason_stop_for_stop_strings_and_tokens_and_length(client, serve
     r = client.completions.create(model="tiny", prompt="abc", max_tokens=12, temperature=1.0,
                                   seed=1, extra_body={"stop_token_ids": [tokens[3]]})
     c = r.choices[0]
-    first = tokens.index(tokens[3])
-    assert (c.text, c.finish_reason, c.matched_stop) == (text[:first + 1], "stop", tokens[3])
+    first = tokens.index(tokens[3])  # the stop token ends the text, and is trimmed from it
+    assert (c.text, c.finish_reason, c.matched_stop) == (text[:first], "stop", tokens[3])
+    assert r.usage.completion_tokens == first + 1
     r = client.completions.create(model="tiny", prompt="abc", max_tokens=12, temperature=1.0,
                                   seed=1, stop=["#"])  # never generated
     assert (r.choices[0].text, r.choices[0].finish_reason) == (text, "length")
@@ -165,16 +163,11 @@ def test_completion_and_chat_streams_add_up_to_the_reply(client, server):
     assert "".join(c.choices[0].text for c in content) == reply.choices[0].text
     assert [c.choices[0].finish_reason for c in content] == [None] * 9 + ["length"]
     assert chunks[-1].choices == [] and chunks[-1].usage.model_dump() == reply.usage.model_dump()
-    # A stop string across tokens is held back, never sent and then taken back.
-    stop = reply.choices[0].text[5:8]
-    cut = reply.choices[0].text.find(stop)
-    streamed = "".join(c.choices[0].text for c in client.completions.create(
-        **kw, stop=stop, stream=True))
-    assert streamed == reply.choices[0].text[:cut]
+    completion = reply.choices[0].text
 
-    kw = dict(model="tiny", messages=MESSAGES, max_tokens=6, temperature=1.0, seed=4)
-    reply = client.chat.completions.create(**kw)
-    chunks = list(client.chat.completions.create(**kw, stream=True))
+    chat = dict(model="tiny", messages=MESSAGES, max_tokens=6, temperature=1.0, seed=4)
+    reply = client.chat.completions.create(**chat)
+    chunks = list(client.chat.completions.create(**chat, stream=True))
     assert chunks[0].choices[0].delta.role == "assistant"
     assert chunks[0].choices[0].delta.content == ""
     assert "".join(c.choices[0].delta.content or "" for c in chunks) == \
@@ -182,6 +175,17 @@ def test_completion_and_chat_streams_add_up_to_the_reply(client, server):
     assert [c.choices[0].finish_reason for c in chunks] == [None] * (len(chunks) - 1) + \
         ["length"]
     assert all(c.object == "chat.completion.chunk" and c.model == "tiny" for c in chunks)
+
+    # A stop string across tokens: the text before it is streamed...
+    stop = completion[5:8]
+    cut = completion.find(stop)
+    streamed = "".join(c.choices[0].text for c in client.completions.create(
+        **kw, stop=stop, stream=True))
+    assert streamed.startswith(completion[:cut])
+    # ... and its first characters are held back, never sent and then taken back.
+    serve_only(server, "SGLang streams a stop string's first characters before the token "
+                       "that completes it (a delta cannot take them back)")
+    assert streamed == completion[:cut]
 
 
 def test_streams_of_n_choices(client, server):
@@ -204,7 +208,7 @@ def sse_events(url, body):
     req = urllib.request.Request(url + "/generate", data=json.dumps(body).encode(),
                                  headers={"Content-Type": "application/json"})
     with urllib.request.urlopen(req, timeout=120) as r:
-        assert r.headers["Content-Type"] == "text/event-stream"
+        assert r.headers["Content-Type"].startswith("text/event-stream")
         events = [line[len(b"data: "):].decode().rstrip() for line in r
                   if line.startswith(b"data: ")]
     assert events[-1] == "[DONE]"
@@ -235,51 +239,65 @@ def test_generate_streams_each_token_and_ends_with_the_reply(server):
 
 
 def test_a_client_that_leaves_mid_stream_frees_the_server(client, server, monkeypatch):
+    """The generation ends with the stream (SGLang aborts the rows of a request whose
+    client has gone) and the server serves on at once."""
     ended = []
-    generate_rows = server.engine.generate_rows
+    if server.server is not None:  # in this process: see the engine's row end
+        generate_rows = server.engine.generate_rows
 
-    def recording(*args, **kwargs):
-        out = generate_rows(*args, **kwargs)
-        ended.append(out)
-        return out
+        def recording(*args, **kwargs):
+            out = generate_rows(*args, **kwargs)
+            ended.append(out)
+            return out
 
-    monkeypatch.setattr(server.engine, "generate_rows", recording)
+        monkeypatch.setattr(server.engine, "generate_rows", recording)
     steps = server.context_len - 10
     stream = client.completions.create(model="tiny", prompt="abc", max_tokens=steps,
                                        temperature=1.0, stream=True)
     chunks = iter(stream)
     assert next(chunks).choices[0].text and next(chunks).choices[0].text
     stream.close()
-    deadline = time.monotonic() + 60
-    while not ended and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert ended and ended[0][0].finish_reason == "abort"
-    assert len(ended[0][0].token_ids) < steps
+    if server.server is not None:
+        deadline = time.monotonic() + 60
+        while not ended and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert ended and ended[0][0].finish_reason == "abort"
+        assert len(ended[0][0].token_ids) < steps
     t0 = time.monotonic()
     assert http(server.url, "/health_generate", timeout=30)[0] == 200
     r = client.completions.create(model="tiny", prompt="abc", max_tokens=3, temperature=0)
-    assert r.choices[0].finish_reason == "length" and not server._running
+    assert r.choices[0].finish_reason == "length"
+    assert server.server is None or not server.server._running
     assert time.monotonic() - t0 < 20
 
 
 # ---- refusals ---------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("chat,kwargs,needle", [
-    (False, {"logprobs": 1}, "logprobs"), (True, {"logprobs": True}, "logprobs"),
-    (True, {"top_logprobs": 2}, "top_logprobs"),
-    (False, {"frequency_penalty": 0.5}, "frequency_penalty"),
-    (True, {"presence_penalty": 1.0}, "presence_penalty"),
-    (False, {"logit_bias": {"3": 5}}, "logit_bias"), (False, {"echo": True}, "echo"),
-    (False, {"best_of": 2}, "best_of"), (False, {"suffix": "x"}, "suffix"),
-    (True, {"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
-    (True, {"response_format": {"type": "json_object"}}, "response_format"),
-    (False, {"extra_body": {"repetition_penalty": 1.2}}, "repetition_penalty"),
-    (False, {"extra_body": {"regex": "a+"}}, "regex"),
-    (False, {"max_tokens": 10 ** 6}, "maximum context length"),
-    (True, {"max_tokens": 10 ** 6}, "max_completion_tokens is too large"),
-    (False, {"extra_body": {"top_k": 0}}, "top_k"),
-    (False, {"extra_body": {"min_tokens": 9}}, "min_new_tokens")])
-def test_unsupported_parameters_are_400s_in_openai_shape(client, chat, kwargs, needle):
+APPLIED = "SGLang applies it (the harness's stub engine refuses it)"
+ACCEPTED = "SGLang's OpenAI serving takes it; mgrpo serve refuses what it does not do"
+
+
+@pytest.mark.parametrize("chat,kwargs,needle,why", [
+    (False, {"logprobs": 1}, "logprobs", "SGLang returns log-probs"),
+    (True, {"logprobs": True}, "logprobs", "SGLang returns log-probs"),
+    (True, {"top_logprobs": 2}, "top_logprobs", "SGLang returns log-probs"),
+    (False, {"frequency_penalty": 0.5}, "frequency_penalty", APPLIED),
+    (True, {"presence_penalty": 1.0}, "presence_penalty", APPLIED),
+    (False, {"logit_bias": {"3": 5}}, "logit_bias", APPLIED),
+    (False, {"echo": True}, "echo", ACCEPTED), (False, {"best_of": 2}, "best_of", ACCEPTED),
+    (False, {"suffix": "x"}, "suffix", ACCEPTED),
+    (True, {"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools", ACCEPTED),
+    (True, {"response_format": {"type": "json_object"}}, "response_format", APPLIED),
+    (False, {"extra_body": {"repetition_penalty": 1.2}}, "repetition_penalty", APPLIED),
+    (False, {"extra_body": {"regex": "a+"}}, "regex", APPLIED),
+    (False, {"max_tokens": 10 ** 6}, "maximum context length", None),
+    (True, {"max_tokens": 10 ** 6}, "maximum context length", None),
+    (False, {"extra_body": {"top_k": 0}}, "top_k", None),
+    (False, {"extra_body": {"min_tokens": 9}}, "min_new_tokens", None)])
+def test_unsupported_parameters_are_400s_in_openai_shape(client, server, chat, kwargs, needle,
+                                                         why):
+    if why:
+        serve_only(server, why)
     with pytest.raises(openai.BadRequestError) as e:
         if chat:
             client.chat.completions.create(model="tiny", messages=MESSAGES, **kwargs)
@@ -292,16 +310,19 @@ def test_unsupported_parameters_are_400s_in_openai_shape(client, chat, kwargs, n
 
 
 def test_malformed_bodies_are_400s(server):
-    for path, body in [("/v1/completions", {"prompt": "a", "max_tokens": "3"}),
+    wrong = []
+    for path, body in [("/v1/completions", {"prompt": "a", "max_tokens": "three"}),
                        ("/v1/completions", {"prompt": "a", "max_tokens": 0}),
                        ("/v1/completions", {}), ("/v1/chat/completions", {}),
                        ("/v1/completions", {"prompt": "a", "stream": True,
-                                            "stream_options": {"include_usage": "yes"}}),
+                                            "stream_options": {"include_usage": "maybe"}}),
                        ("/v1/chat/completions", {"messages": [{"content": "x"}]}),
                        ("/v1/chat/completions", {"messages": [{"role": "user", "content": [
                            {"type": "image_url", "image_url": {"url": "x"}}]}]})]:
         status, reply, _ = http(server.url, path, body)
-        assert status == 400 and reply["object"] == "error", (path, body, reply)
+        if not (status == 400 and reply["object"] == "error"):
+            wrong.append((path, body, status, reply))
+    assert not wrong
     status, reply, _ = http(server.url, "/v1/completions", raw=b"{not json")
     assert status == 400
     # Streams refuse before they start: a 400, not an event.
@@ -348,8 +369,9 @@ def test_chat_samples_with_the_models_generation_config_where_the_request_is_sil
 
 # ---- the engine's step callback ---------------------------------------------------------------
 
-def test_the_engines_step_callback_sees_every_token_and_can_end_rows(server):
-    engine, params = server.engine, SamplingParams(temperature=1.0, max_new_tokens=8)
+def test_the_engines_step_callback_sees_every_token_and_can_end_rows(model_dir):
+    engine = EmbeddedEngine.from_pretrained(model_dir, sets=("policy",))
+    params = SamplingParams(temperature=1.0, max_new_tokens=8)
     prompts, seeds = [[1, 2, 3], [4, 5], [6]], [1, 2, 3]
     plain = engine.generate_rows(prompts, seeds, params)
     seen = [[] for _ in prompts]
