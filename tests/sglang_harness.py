@@ -43,6 +43,9 @@ from megatron_mgrpo.rollout.base import SamplingParams as EngineParams
 from megatron_mgrpo.rollout.embedded import EmbeddedEngine
 
 MODEL = "policy"
+_WAIT_S = 4.0
+"""How often a waiting request asks whether its client is still there
+(SGLANG_REQUEST_STATE_WAIT_TIMEOUT's default)."""
 
 
 def _free_port() -> int:
@@ -215,7 +218,14 @@ def _manager_class():
 
                     loop.run_in_executor(None, run)
                     while True:
-                        kind, *event = await events.get()
+                        try:
+                            kind, *event = await asyncio.wait_for(events.get(), _WAIT_S)
+                        except asyncio.TimeoutError:  # _stream_one_response's check
+                            if request is not None and not obj.background and \
+                                    await request.is_disconnected():
+                                raise ValueError("Request is disconnected from the client "
+                                                 f"side. Abort request {obj.rid=}") from None
+                            continue
                         if kind == "error":
                             raise event[0]
                         self.last_receive_tstamp = time.time()
