@@ -75,7 +75,8 @@ SGLANG_DEPS ?= fastapi uvicorn uvloop orjson pybase64 requests msgspec pyzmq ipy
 	soundfile==0.13.1 "python-dateutil<3" psutil setproctitle python-multipart \
 	prometheus-client einops pillow tiktoken interegular packaging regex distro numpy scipy \
 	pydantic xxhash zstandard dill jsonschema
-SGLANG_TESTS ?= tests/test_sglang_contract.py tests/test_sglang_backend.py tests/test_fp8_rollout.py
+SGLANG_TESTS ?= tests/test_sglang_contract.py tests/test_serve_openai.py tests/test_sglang_backend.py \
+	tests/test_fp8_rollout.py
 
 $(SGLANG_VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(SGLANG_VENV)

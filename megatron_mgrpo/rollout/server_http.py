@@ -130,7 +130,7 @@ def handler(routes: Dict[Tuple[str, str], Callable]):
         def _stream(self, stream: Stream) -> None:
             try:
                 self.send_response(200)
-                self.send_header("Content-Type", "text/event-stream")
+                self.send_header("Content-Type", "text/event-stream; charset=utf-8")  # as SGLang
                 self.send_header("Cache-Control", "no-cache")
                 self.send_header("Transfer-Encoding", "chunked")
                 self.end_headers()
