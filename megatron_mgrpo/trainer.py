@@ -47,7 +47,8 @@ def run_training(session: Session, stops: Optional[StopRequests] = None
     cfg, t, d = session.cfg, session.cfg.training, session.cfg.data
     stops = stops or StopRequests(t.stop_file)
     prompts = load_prompts(d.train_path, d.prompt_key, d.answer_key, session.tokenizer,
-                           d.max_prompt_length, log=session.say)
+                           d.max_prompt_length, log=session.say,
+                           chat_template=d.chat_template)
     sampler = PromptSampler(prompts, d.prompts_per_step, seed=t.seed, shuffle=d.shuffle)
     validator = Validator(session, t.eval_interval)
     benchmarks = BenchmarkEval(session, cfg.eval.interval)

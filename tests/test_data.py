@@ -278,7 +278,8 @@ def test_validation_prompts_report_their_skips_through_the_session(sp_tokenizer,
     said = []
     session = SimpleNamespace(
         cfg=SimpleNamespace(data=SimpleNamespace(val_path=path, prompt_key="prompt",
-                                                 answer_key="answer", max_prompt_length=64),
+                                                 answer_key="answer", max_prompt_length=64,
+                                                 chat_template=False),
                             training=SimpleNamespace(max_eval_prompts=0)),
         tokenizer=sp_tokenizer, say=said.append)
     assert len(Validator(session, interval=1).rows) == 1

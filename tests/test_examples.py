@@ -6,7 +6,9 @@ Overridden, and only these: the architecture's sizes (its family kept), the layo
 process: TP = PP = 1, no sequence parallelism, which the local layer spec refuses), the rollout
 backend (the embedded engine; the SGLang client runs against `mgrpo serve` in test_trainer and
 against SGLang's own types in test_sglang_backend), lengths, batch and step counts, and the
-data paths (small files in the shipped formats and schemas). Every algorithm, optimizer,
+data paths (small files in the shipped formats and schemas), and for configs with
+data.chat_template the tokenizer (the same one as an HF directory with a chat template, as
+SmolLM2's). Every algorithm, optimizer,
 rollout-sampling, data-handling and evaluation field runs as shipped, the KL to a reference
 model among them.
 """
@@ -23,7 +25,8 @@ from tests import DEADLOCK_GUARD_S
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAINING = ["examples/qwen3_4b_base.yaml", "examples/llama3_8b.yaml",
-            "examples/llama3_70b.yaml", "examples/tiny/config.yaml"]
+            "examples/llama3_70b.yaml", "examples/tiny/config.yaml",
+            "examples/smollm2/config.yaml", "examples/smollm2/srt.yaml"]
 SMOKE = ["examples/tiny/smoke.yaml"]
 EVAL = ["examples/eval/benchmarks.yaml"]
 SWEEPS = ["examples/sweep_tiny.yaml"]  # a grid over tiny/config.yaml: tests/test_sweep.py
@@ -52,7 +55,20 @@ def prompts(data_dir, tmp_path_factory):  # noqa: F811
     return str(out / "train.parquet"), str(out / "val.jsonl")
 
 
-def tiny(cfg_path, model_dir, data_dir, prompts, run_dir):  # noqa: F811
+@pytest.fixture(scope="module")
+def chat_tokenizer(tokenizer, tmp_path_factory):  # noqa: F811
+    """The fixture tokenizer as an HF directory with a chat template that opens each turn with
+    its BOS, as SmolLM2's does with `<|im_start|>`."""
+    hf = tokenizer.to_hf()
+    hf.chat_template = ("{% for m in messages %}{{ bos_token }}{{ m['role'] }}\n"
+                        "{{ m['content'] }}\n{% endfor %}{% if add_generation_prompt %}"
+                        "{{ bos_token }}assistant\n{% endif %}")
+    out = str(tmp_path_factory.mktemp("chat_tokenizer"))
+    hf.save_pretrained(out)
+    return out
+
+
+def tiny(cfg_path, model_dir, data_dir, prompts, run_dir, chat_tokenizer=None):  # noqa: F811
     from megatron_mgrpo.config import load_config
 
     shipped = load_config(os.path.join(ROOT, cfg_path), validate=False)
@@ -60,8 +76,13 @@ def tiny(cfg_path, model_dir, data_dir, prompts, run_dir):  # noqa: F811
         # The tiny run's base is a warm-up of its own (test_trainer steps the real one); here
         # a random model of the same shape family, with the same kind of tokenizer.
         base = ["--model.architecture", "qwen3", "--model.tie_word_embeddings", "true"]
+    elif shipped.model.load == "runs/smollm2":
+        # SmolLM2-135M-Instruct (tests/test_smollm2.py steps the real one): a random Llama
+        # with tied embeddings.
+        base = ["--model.architecture", "llama", "--model.tie_word_embeddings", "true"]
     else:
         base = []
+    tokenizer = chat_tokenizer if shipped.data.chat_template else model_dir
     return shipped, [
         "--model.load", "null", "--model.hf_config", "null", *base,
         "--model.vocab_size", "320", "--model.hidden_size", "64",
@@ -72,7 +93,7 @@ def tiny(cfg_path, model_dir, data_dir, prompts, run_dir):  # noqa: F811
         "--parallel.tensor_parallel", "1", "--parallel.pipeline_parallel", "1",
         "--parallel.sequence_parallel", "false",
         "--rollout.backend", "embedded", "--rollout.max_new_tokens", "12",
-        "--data.tokenizer", model_dir, "--data.train_path", prompts[0],
+        "--data.tokenizer", tokenizer, "--data.train_path", prompts[0],
         "--data.val_path", prompts[1],
         "--data.prompts_per_step", "2", "--training.steps", "1", "--training.run_dir", run_dir,
         "--eval.data_dir", data_dir, "--eval.max_new_tokens", "12"]
@@ -92,8 +113,8 @@ def train_worker(cfg_path, args):
 
 @pytest.mark.parametrize("cfg_path", TRAINING)
 def test_each_training_config_takes_a_step(cfg_path, model_dir, data_dir, prompts,  # noqa: F811
-                                           tmp_path):
-    shipped, args = tiny(cfg_path, model_dir, data_dir, prompts, str(tmp_path))
+                                           chat_tokenizer, tmp_path):
+    shipped, args = tiny(cfg_path, model_dir, data_dir, prompts, str(tmp_path), chat_tokenizer)
     (cfg, built, history), = run_workers(train_worker, 1, cfg_path, args)
     for section in ("algorithm", "optimizer"):
         assert getattr(cfg, section) == getattr(shipped, section), section

@@ -225,10 +225,22 @@ class DataConfig:
     shuffle: bool = True
     """Shuffle the training prompts every epoch."""
 
+    chat_template: bool = False
+    """Render each training and validation prompt as one user turn of the tokenizer's chat
+    template, with the generation prompt (`apply_chat_template(..., add_generation_prompt=True)`,
+    no extra BOS): for instruct models. Off: [BOS] + the raw text. Needs an HF tokenizer with a
+    chat template; max_prompt_length counts the template's tokens too. Benchmarks follow
+    eval.chat_template."""
+
     def validate(self, mode: str) -> None:
         """Check this section for algorithm.mode `mode`; ConfigError naming the field."""
         positive("data.max_prompt_length", self.max_prompt_length)
         positive("data.prompts_per_step", self.prompts_per_step)
+        if not isinstance(self.chat_template, bool):
+            fail("data.chat_template", self.chat_template, "true | false")
+        if self.chat_template and str(self.tokenizer or "").endswith(".model"):
+            fail("data.chat_template", self.chat_template,
+                 "false with a sentencepiece .model tokenizer (it has no chat template)")
         if mode == "rlvr" and not self.answer_key:
             fail("data.answer_key", self.answer_key,
                  "a column name (mode rlvr needs true answers)")

@@ -187,12 +187,14 @@ def _answer_text(value: Any) -> Optional[str]:
 
 def load_prompts(path: str, prompt_key: str = "prompt", answer_key: Optional[str] = "answer",
                  tokenizer: Optional[Tokenizer] = None, max_prompt_length: Optional[int] = None,
-                 log: Optional[Callable[[str], None]] = print) -> PromptSet:
+                 log: Optional[Callable[[str], None]] = print, chat_template: bool = False
+                 ) -> PromptSet:
     """Load and validate the prompts of `path` (see the module docstring for the rules).
 
     `answer_key=None` loads prompts only. With a tokenizer, prompts are encoded with
-    `encode_prompt` (kept in `PromptSet.prompt_ids`) and those longer than `max_prompt_length`
-    tokens are skipped. `log` gets the one-line summary (None: silent).
+    `encode_prompt` (kept in `PromptSet.prompt_ids`; `chat_template`: as one user turn of the
+    tokenizer's chat template) and those longer than `max_prompt_length` tokens (template
+    included) are skipped. `log` gets the one-line summary (None: silent).
     """
     rows, _ = read_rows(path)
     if max_prompt_length is not None and tokenizer is None:
@@ -225,7 +227,7 @@ def load_prompts(path: str, prompt_key: str = "prompt", answer_key: Optional[str
                 skipped[f"non-string {answer_key}"] += 1
                 continue
         if tokenizer is not None:
-            ids = encode_prompt(tokenizer, prompt)
+            ids = encode_prompt(tokenizer, prompt, chat_template)
             if max_prompt_length is not None and len(ids) > max_prompt_length:
                 skipped[f"over max_prompt_length={max_prompt_length}"] += 1
                 continue

@@ -7,9 +7,13 @@
     text = tok.decode(completion_ids)             # special tokens (BOS/EOS/PAD) dropped
 
 `encode` never adds special tokens; `encode_prompt` adds BOS when the tokenizer defines one
-(sentencepiece: yes; Qwen's HF tokenizers: no). A completion is generated after the prompt's ids
-and ends at the first `eos_id` (`stop_ids` lists every id that ends a completion). Completions
-are decoded on their own (`decode(completion_ids)`), not re-split from the prompt + completion.
+(sentencepiece: yes; Qwen's HF tokenizers: no). `encode_prompt(tok, text, chat_template=True)`
+instead renders the text as one user turn with the tokenizer's chat template and the generation
+prompt (`apply_chat_template(..., add_generation_prompt=True)`'s ids; the template writes its own
+start tokens, so no BOS is prepended): what an instruct model expects (`data.chat_template`,
+`eval.chat_template`). A completion is generated after the prompt's ids and ends at the first
+`eos_id` (`stop_ids` lists every id that ends a completion). Completions are decoded on their
+own (`decode(completion_ids)`), not re-split from the prompt + completion.
 
 `train_sentencepiece` builds the tokenizer of the synthetic task: BPE with digits split (every
 number is a run of digit tokens, so arithmetic is done digit by digit), byte fallback (nothing is
@@ -29,7 +33,8 @@ from abc import ABC, abstractmethod
 from typing import Iterable, List, Optional, Sequence
 
 __all__ = ["Tokenizer", "SentencePieceTokenizer", "HFTokenizer", "load_tokenizer",
-           "train_sentencepiece", "encode_prompt", "TokenizerError", "DEFAULT_USER_SYMBOLS"]
+           "train_sentencepiece", "encode_prompt", "chat_prompt_ids", "TokenizerError",
+           "DEFAULT_USER_SYMBOLS"]
 
 MARKER = "mgrpo_tokenizer.json"
 SP_FILE = "tokenizer.model"
@@ -76,14 +81,32 @@ class Tokenizer(ABC):
         return {i for i in (self.bos_id, self.eos_id, self.pad_id) if i is not None}
 
 
-def encode_prompt(tokenizer: Tokenizer, text: str) -> List[int]:
-    """A prompt's ids as the policy sees them: [BOS] + encode(text) (no BOS if there is none).
+def encode_prompt(tokenizer: Tokenizer, text: str, chat_template: bool = False) -> List[int]:
+    """A prompt's ids as the policy sees them: [BOS] + encode(text) (no BOS if there is none),
+    or with `chat_template` the tokenizer's chat template around one user message, generation
+    prompt included (TokenizerError when the tokenizer has no template).
 
     The only place the prompt format meets the tokenizer: the warm-up, the evaluation and the
     trainer all call it, so they agree. The completion follows these ids directly.
     """
+    if chat_template:
+        return chat_prompt_ids(tokenizer, text)
     ids = tokenizer.encode(text)
     return ([tokenizer.bos_id] if tokenizer.bos_id is not None else []) + ids
+
+
+def chat_prompt_ids(tokenizer: Tokenizer, text: str) -> List[int]:
+    """`apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True)`'s
+    ids: the template's own start tokens, no extra BOS."""
+    hf = getattr(tokenizer, "tok", None)
+    if hf is None or not getattr(hf, "chat_template", None):
+        raise TokenizerError("chat_template is true but the tokenizer has no chat template (an "
+                             "HF tokenizer dir with chat_template.jinja or tokenizer_config.json's "
+                             "chat_template); set data.chat_template / eval.chat_template false")
+    ids = hf.apply_chat_template([{"role": "user", "content": text}], tokenize=True,
+                                 add_generation_prompt=True)
+    # transformers 5 returns a BatchEncoding (a mapping), 4.x a list of ids
+    return [int(i) for i in (ids["input_ids"] if hasattr(ids, "keys") else ids)]
 
 
 class SentencePieceTokenizer(Tokenizer):

@@ -37,7 +37,8 @@ class Validator(_Periodic):
             from megatron_mgrpo.data.prompts import load_prompts
 
             val = load_prompts(d.val_path, d.prompt_key, d.answer_key, session.tokenizer,
-                               d.max_prompt_length, log=session.say)
+                               d.max_prompt_length, log=session.say,
+                               chat_template=d.chat_template)
             self.rows = [val[i] for i in range(len(val))]
             limit = session.cfg.training.max_eval_prompts
             self.rows = self.rows[:limit] if limit else self.rows
