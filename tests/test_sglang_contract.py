@@ -421,7 +421,7 @@ def test_a_server_killed_mid_generation_is_a_one_line_rollout_error(kind, model_
     client = Server(target.url)
     engine = SGLangEngine({"policy": [client], "momentum": [client]},
                           make_transport("tensor", 1 << 20, timeout_s=30),
-                          request_timeout_s=30, log=lambda _: None)
+                          request_timeout_s=5, log=lambda _: None)
     steps = target.context_len - 8
     killer = threading.Timer(1.5, target.proc.kill)
     killer.start()
