@@ -204,13 +204,22 @@ def test_every_shipped_config_plans_and_fits_with_no_flags(tmp_path):
         architecture="qwen3", vocab_size=512, hidden_size=128, intermediate_size=256,
         num_layers=2, num_attention_heads=4, num_key_value_heads=2,
         tie_word_embeddings=True))))
+    # SmolLM2-135M-Instruct's shape (tools/fetch_smollm2.py), which runs/smollm2 holds.
+    smollm2 = tmp_path / "smollm2"
+    smollm2.mkdir()
+    (smollm2 / "config.json").write_text(json.dumps(hf_config_dict(ModelConfig(
+        architecture="llama", vocab_size=49152, hidden_size=576, intermediate_size=1536,
+        num_layers=30, num_attention_heads=9, num_key_value_heads=3, rope_theta=100000.0,
+        tie_word_embeddings=True))))
     shipped = sorted(os.path.relpath(p, ROOT) for p in
                      glob.glob(os.path.join(ROOT, "examples", "**", "*.yaml"), recursive=True))
-    assert len(shipped) == 7
+    assert len(shipped) == 9
     for config in shipped:
         if config == "examples/sweep_tiny.yaml":
             continue
-        extra = ["--model.load", str(base)] if config == "examples/tiny/config.yaml" else []
+        extra = (["--model.load", str(base)] if config == "examples/tiny/config.yaml" else
+                 ["--model.load", str(smollm2)] if config.startswith("examples/smollm2/") else
+                 [])
         run = plan_cli(config, *extra)
         assert run.returncode == 0 and run.stdout.endswith("fits\n"), (config, run.stderr)
 
