@@ -12,13 +12,12 @@
 import json
 import os
 import subprocess
-import sys
 
 import pytest
 import torch
 
-from tests import DEADLOCK_GUARD_S
 from tests.distributed import run_workers
+from tests.tool_files import read_all, tool
 from tests.test_hf_reference import ARCHS, hf_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -40,11 +39,6 @@ def megatron_to_hf(src, out, model="policy", dtype=torch.float32, shard_bytes=5 
                                  log=lambda line: None)
 
 
-def tool(name, *args):
-    return subprocess.run([sys.executable, os.path.join(ROOT, "tools", name), *args],
-                          capture_output=True, text=True, timeout=DEADLOCK_GUARD_S)
-
-
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory):
     """Per architecture: the HF dir (3+ shards), its conversion (TP=2 chunks) and tokens."""
@@ -61,16 +55,6 @@ def converted(tmp_path_factory):
             logits = model(input_ids=ids).logits.float()
         out[arch] = dict(hf=str(root / "hf"), mcore=str(root / "mcore"), record=rec, ids=ids,
                          logits=logits, root=root)
-    return out
-
-
-def read_all(directory):
-    from safetensors.torch import load_file
-
-    out = {}
-    for f in sorted(os.listdir(directory)):
-        if f.endswith(".safetensors"):
-            out.update(load_file(os.path.join(directory, f)))
     return out
 
 

@@ -25,6 +25,7 @@ import torch
 
 from tests import DEADLOCK_GUARD_S
 from tests.distributed import run_workers
+from tests.tool_files import read_all, tool
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMOLLM2 = os.path.abspath(os.environ.get("MGRPO_SMOLLM2_DIR") or os.path.join(ROOT, "runs",
@@ -85,21 +86,6 @@ def hf_model(path=SMOLLM2, dtype=torch.float32):
 
     _quiet()
     return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True).eval()
-
-
-def tool(name, *args):
-    return subprocess.run([sys.executable, os.path.join(ROOT, "tools", name), *args],
-                          capture_output=True, text=True, timeout=DEADLOCK_GUARD_S, cwd=ROOT)
-
-
-def read_all(directory):
-    from safetensors.torch import load_file
-
-    out = {}
-    for f in sorted(os.listdir(directory)):
-        if f.endswith(".safetensors"):
-            out.update(load_file(os.path.join(directory, f)))
-    return out
 
 
 @pytest.fixture(scope="module")
