@@ -32,6 +32,19 @@ MATH500 = [
     {"problem": "Find the point where $y=x+1$ meets $y=3x-1$.", "solution": "...",
      "answer": "(1,2)", "subject": "Algebra", "level": 2, "unique_id": "test/algebra/99.json"},
 ]
+# The first two rows of openai/gsm8k's main test split, as released (its parquet: two columns).
+GSM8K = [
+    {"question": "Janet\u2019s ducks lay 16 eggs per day. She eats three for breakfast every "
+                 "morning and bakes muffins for her friends every day with four. She sells the "
+                 "remainder at the farmers' market daily for $2 per fresh duck egg. How much in "
+                 "dollars does she make every day at the farmers' market?",
+     "answer": "Janet sells 16 - 3 - 4 = <<16-3-4=9>>9 duck eggs a day.\nShe makes 9 * 2 = "
+               "$<<9*2=18>>18 every day at the farmer\u2019s market.\n#### 18"},
+    {"question": "A robe takes 2 bolts of blue fiber and half that much white fiber.  How many "
+                 "bolts in total does it take?",
+     "answer": "It takes 2/2=<<2/2=1>>1 bolt of white fiber\nSo the total amount of fabric is "
+               "2+1=<<2+1=3>>3 bolts of fabric\n#### 3"},
+]
 GPQA_COLUMNS = ["Pre-Revision Question", "Pre-Revision Correct Answer", "Question",
                 "Correct Answer", "Incorrect Answer 1", "Incorrect Answer 2",
                 "Incorrect Answer 3", "Explanation", "Record ID", "High-level domain",
@@ -108,6 +121,7 @@ def data_dir(tmp_path_factory):
                 [{"question": "Find the sum of all integer bases $b>9$.", "answer": "70"}])
     write_jsonl(str(d / "aime25" / "aime2025-II.jsonl"),
                 [{"question": "Six points lie in a straight line.", "answer": 468}])
+    datasets.Dataset.from_list(GSM8K).to_parquet(str(d / "gsm8k.parquet"))
     write_jsonl(str(d / "livecodebench" / "test.jsonl"), LCB[:1])  # release files, in order
     write_jsonl(str(d / "livecodebench" / "test2.jsonl"), LCB[1:])
     with open(d / "gpqa_diamond.csv", "w", newline="") as f:  # Idavidrein/gpqa's csv
@@ -171,6 +185,11 @@ def test_loaders_read_each_public_schema(data_dir):
     aime25 = load_benchmark("aime25", data_dir)
     assert [p.answer for p in aime25.problems] == ["70", "468"]  # parts I then II; int -> text
     assert aime25.problems[0].id == "row0" and len(aime25.files) == 2
+    gsm8k = load_benchmark("gsm8k", data_dir)
+    assert gsm8k.grader == "final_number"
+    assert [(p.id, p.answer) for p in gsm8k.problems] == [("row0", "18"), ("row1", "3")]
+    assert gsm8k.problems[1].prompt == (GSM8K[1]["question"]
+                                        + "\nGive the final answer as a number.")
     gpqa = load_benchmark("gpqa_diamond", data_dir)
     assert [p.id for p in gpqa.problems] == ["recA1b2", "recZ9y8"]
     for p, row in zip(gpqa.problems, GPQA):

@@ -1,4 +1,4 @@
-"""Answer extraction and equivalence: math (boxed + math_verify) and multiple choice."""
+"""Answer extraction and equivalence: math (boxed + math_verify), final number, multiple choice."""
 
 import re
 import sys
@@ -14,6 +14,7 @@ from megatron_mgrpo.rewards.math_answers import (
     math_equivalent,
     normalize_answer,
 )
+from megatron_mgrpo.rewards.final_number import extract_final_number
 from megatron_mgrpo.rewards.multiple_choice import choice_equivalent, extract_choice
 
 
@@ -206,6 +207,43 @@ def test_choice_equivalent():
     assert not choice_equivalent("", "")
 
 
+# --- extract_final_number --------------------------------------------------------------------
+
+@pytest.mark.parametrize("text, expected", [
+    # SmolLM2-135M-Instruct's own greedy answers to "...\nGive the final answer as a number."
+    ("Dan has 46 - 23 = 17 coins.\nThe answer is 17.", "17"),
+    ("Leo has 26 stickers.\n26 + 2 = 32\nLeo has 32 stickers.\n#### 32\nThe answer is 32.", "32"),
+    ("1. 5 jars\n2. 8 coins\n3. 5\n4. 10\n5. 10\n\nThe answer is 5.", "5"),
+    ("1. 3 packs = 3 x 5 = 15 coins\n2. 3 packs * 5 coins = 15 coins", "15"),   # the last number
+    ("19 + 28 = 57\nAnn has now 57 shells.", "57"),
+    ("Ben has 7 + 2 = 9 apples now.\nThe answer is", "9"),     # cut off: the last number so far
+    # precedence: box > #### > "answer is" > last number
+    (r"the answer is 3, so \boxed{4} and 5", "4"),
+    ("#### 7\nThe answer is 8. Then 9", "7"),
+    ("The answer is 8. Checking: 8 + 1 = 9", "8"),
+    ("first the answer: 2, then the answer is: **3**", "3"),
+    ("The answer is $1,200.", "1200"),                           # separators and a full stop
+    ("It is -4.5 degrees", "-4.5"),
+    ("a half is 1/2", "1/2"),
+    ("10-3=7", "7"),
+    ("version x5 of the app", None),                             # a number inside a word
+    ("no number here", None),
+    ("", None),
+])
+def test_extract_final_number(text, expected):
+    assert extract_final_number(text) == expected
+
+
+def test_gsm8k_answers_grade_through_math_equivalence():
+    # GSM8K's reference answers end with "#### N"; the grader reads N from either side.
+    grader = get_grader("final_number")
+    reference = grader.extract("Natalia sold 48/2 = <<48/2=24>>24 clips in May.\n#### 72")
+    assert reference == "72"
+    assert grader.equivalent(reference, grader.extract("She sold 72.0 clips in all."))
+    assert not grader.equivalent(reference, grader.extract("She sold 27 clips."))
+    assert not grader.equivalent(reference, grader.extract("She sold many clips."))
+
+
 # --- registry --------------------------------------------------------------------------------
 
 def test_get_grader():
@@ -215,9 +253,13 @@ def test_get_grader():
     mc = get_grader("multiple_choice", choices="ABCDE")
     assert mc.extract("Answer: E") == "E"
     assert mc.equivalent("E", "(e)")
-    assert set(GRADERS) == {"math", "multiple_choice"}
+    num = get_grader("final_number")
+    assert num.extract("12 * 4 = 48\nThe answer is 48.") == "48"
+    assert num.equivalent("48", "48.0") and not num.equivalent("48", "84")
+    assert set(GRADERS) == {"math", "final_number", "multiple_choice"}
 
 
 def test_get_grader_unknown_lists_names():
-    with pytest.raises(ValueError, match=re.escape("accepted: math | multiple_choice")):
+    with pytest.raises(ValueError,
+                       match=re.escape("accepted: math | final_number | multiple_choice")):
         get_grader("code")

@@ -1,9 +1,15 @@
 """Graded arithmetic word problems for a small instruct model, written deterministically.
 
-    python tools/make_arith_tasks.py --out runs/arith   # runs/arith/<set>.jsonl, <set>_val.jsonl
+    python tools/make_arith_tasks.py --out runs/arith   # runs/arith/<set>[_open][_val].jsonl
 
 For each set, `<set>_val.jsonl` holds the first `--n-val` problems (64: the base measurements
-and validation) and `<set>.jsonl` the next `--n` (256: training prompts), all distinct.
+and validation) and `<set>.jsonl` the next `--n` (256: training prompts), all distinct. Each
+problem is written twice, as an open question and as multiple choice.
+
+Open answers (`<set>_open[_val].jsonl`, `algorithm.grader: final_number`): rows of
+`{"id", "question", "answer", "prompt"}` with the true number as `answer` (GSM8K's columns, so
+`mgrpo eval --benchmarks gsm8k --eval.paths "{gsm8k: FILE}"` scores a file) and `prompt` the
+question under OPEN_TEMPLATE (the gsm8k benchmark's default template), the text training sees.
 
 Four-option multiple choice (`algorithm.grader: multiple_choice`): SmolLM2-135M-Instruct wrote
 no `\\boxed{}` in 48 greedy answers to 8 phrasings of a boxed request (2 problems per set, up
@@ -37,6 +43,7 @@ import os
 import random
 from typing import Callable, Dict, List, Tuple
 
+OPEN_TEMPLATE = "{question}\nGive the final answer as a number."
 TEMPLATE = ("{question}\nA) {A}\nB) {B}\nC) {C}\nD) {D}\n"
             "Reply in the form 'Answer: X', where X is the letter of the correct option.")
 NAMES = ["Ann", "Ben", "Cara", "Dan", "Eva", "Finn", "Gia", "Hugo", "Ida", "Jon", "Kim", "Leo"]
@@ -103,6 +110,12 @@ def make_set(name: str, n: int, seed: int, eval_seed: int = 0) -> List[dict]:
     return rows
 
 
+def open_row(row: dict) -> dict:
+    """The open-answer form of a `make_set` row."""
+    return {"id": row["Record ID"], "question": row["Question"], "answer": row["value"],
+            "prompt": OPEN_TEMPLATE.format(question=row["Question"])}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", required=True, help="directory for <set>.jsonl")
@@ -116,12 +129,15 @@ def main() -> None:
         if name not in SETS:
             raise SystemExit(f"unknown set {name!r}; accepted: {', '.join(SETS)}")
         rows = make_set(name, args.n_val + args.n, args.seed)
-        for suffix, part in (("_val", rows[:args.n_val]), ("", rows[args.n_val:])):
-            path = os.path.join(args.out, f"{name}{suffix}.jsonl")
-            with open(path, "w") as f:
-                for row in part:
-                    f.write(json.dumps(row) + "\n")
-            print(f"{path}: {len(part)} problems")
+        open_rows = [open_row(row) for row in rows]
+        for kind, written in (("", rows), ("_open", open_rows)):
+            for suffix, part in (("_val", written[:args.n_val]), ("", written[args.n_val:])):
+                path = os.path.join(args.out, f"{name}{kind}{suffix}.jsonl")
+                with open(path, "w") as f:
+                    for row in part:
+                        f.write(json.dumps(row) + "\n")
+                print(f"{path}: {len(part)} problems")
+
 
 if __name__ == "__main__":
     main()

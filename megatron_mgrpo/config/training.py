@@ -25,8 +25,10 @@ class AlgorithmConfig:
     """`mgrpo`: vote over policy + momentum rollouts. `srt`: vote over the policy's own (N=0).
     `ttrl`: vote over a large sample, train on a subset. `rlvr`: ground-truth labels."""
 
-    grader: Literal["math", "multiple_choice"] = "math"
-    """How answers are extracted and compared (math: `\\boxed{}` + math-verify equivalence)."""
+    grader: Literal["math", "final_number", "multiple_choice"] = "math"
+    """How answers are extracted and compared (math: `\\boxed{}` + math-verify equivalence;
+    final_number: a box, else the number after `####` or "answer is", else the last number;
+    multiple_choice: the option letter)."""
 
     momentum: float = 0.99
     """m in Eq. 1: theta_k <- m * theta_k + (1 - m) * theta_q. In [0, 1)."""
@@ -99,7 +101,7 @@ class AlgorithmConfig:
 
         a, r = self, rollout
         one_of("algorithm.mode", a.mode, MODES)
-        one_of("algorithm.grader", a.grader, ("math", "multiple_choice"))
+        one_of("algorithm.grader", a.grader, ("math", "final_number", "multiple_choice"))
         # The friendlier messages first; plan_for_mode below is where the rules live.
         m, n = r.num_policy_rollouts, r.num_momentum_rollouts
         if a.mode in ("mgrpo", "srt", "ttrl") and m + n < 2:

@@ -5,6 +5,7 @@
 | math500 | HuggingFaceH4/MATH-500, `test.jsonl` | problem, answer, unique_id | math |
 | aime24 | HuggingFaceH4/aime_2024 (parquet) or Maxwell-Jia/AIME_2024 | problem, answer, id | math |
 | aime25 | math-ai/aime25, yentinglin/aime_2025 or opencompass/AIME2025 (I and II) | problem or question, answer, id | math |
+| gsm8k | openai/gsm8k, `main/test*.parquet` or a jsonl of it | question, answer (its final `#### N`) | final_number |
 | gpqa | Idavidrein/gpqa, `gpqa_main.csv` (gated: accept its terms first) | Question, Correct Answer, Incorrect Answer 1-3, Record ID | multiple_choice |
 | gpqa_diamond | Idavidrein/gpqa, `gpqa_diamond.csv` | as gpqa | multiple_choice |
 | livecodebench | livecodebench/code_generation_lite, `test*.jsonl` | question_content, question_id, starter_code, public/private_test_cases, metadata, contest_date | code |
@@ -40,6 +41,9 @@ DATA_EXTENSIONS = (".jsonl", ".parquet", ".json", ".csv")
 
 MATH_TEMPLATE = ("{problem}\nPlease reason step by step, and put your final answer within "
                  "\\boxed{{}}.")
+# The phrasing under which SmolLM2-135M-Instruct most often ended with a number (README, "A
+# label-free task for SmolLM2"); `extract_final_number` also reads "The answer is N" and "#### N".
+GSM8K_TEMPLATE = "{question}\nGive the final answer as a number."
 # simple-evals' GPQA prompt; `extract_choice` reads its "Answer: X" line.
 GPQA_TEMPLATE = ("Answer the following multiple choice question. The last line of your response "
                  "should be of the following format: 'Answer: $LETTER' (without quotes) where "
@@ -70,7 +74,8 @@ class EvalProblem:
     prompt: str
     """The templated prompt text."""
     answer: Optional[str]
-    """The true answer: the answer text (math) or option letter (GPQA); None for code."""
+    """The true answer: the answer text (math), the final number (GSM8K) or option letter
+    (GPQA); None for code."""
     code: Any = None
     """`rewards.code.CodeProblemTests` of a code problem (its tests), else None."""
 
@@ -81,7 +86,7 @@ class Benchmark:
 
     name: str
     grader: str
-    """`math`, `multiple_choice` or `code`."""
+    """`math`, `final_number`, `multiple_choice` or `code`."""
     files: List[str]
     problems: List[EvalProblem]
     rows: int
@@ -141,6 +146,15 @@ def _math(row: Dict[str, Any], index: int, seed: int):
             {"problem": problem})
 
 
+def _gsm8k(row: Dict[str, Any], index: int, seed: int):
+    question = _text(_field(row, ("question", "problem"), "question"), "question")
+    answer = _text(_field(row, ("answer",), "answer"), "answer")
+    final = answer.rpartition("####")[2].strip().replace(",", "")  # GSM8K: reasoning, then #### N
+    if not final:
+        raise ValueError("answer has nothing after its last ####")
+    return (_row_id(row, ("id", "idx", "unique_id"), index), final, None, {"question": question})
+
+
 def _gpqa(row: Dict[str, Any], index: int, seed: int):
     question = _text(_field(row, ("Question",), "Question"), "Question")
     right = _text(_field(row, ("Correct Answer",), "Correct Answer"), "Correct Answer")
@@ -173,6 +187,8 @@ BENCHMARKS: Dict[str, BenchmarkSpec] = {
     "aime25": BenchmarkSpec("math", "math-ai/aime25, yentinglin/aime_2025 or opencompass/AIME2025 "
                             f"({_MATH_HINT}; a directory may hold parts I and II)",
                             MATH_TEMPLATE, _math),
+    "gsm8k": BenchmarkSpec("final_number", "openai/gsm8k (main/test-*.parquet, or a jsonl with "
+                           "question and answer columns)", GSM8K_TEMPLATE, _gsm8k),
     "gpqa": BenchmarkSpec("multiple_choice", "Idavidrein/gpqa (gpqa_main.csv; gated)",
                           GPQA_TEMPLATE, _gpqa),
     "gpqa_diamond": BenchmarkSpec("multiple_choice", "Idavidrein/gpqa (gpqa_diamond.csv; gated)",

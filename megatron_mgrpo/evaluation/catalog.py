@@ -11,7 +11,8 @@ from typing import Optional, Tuple
 
 __all__ = ["BENCHMARK_NAMES", "parse_date_range"]
 
-BENCHMARK_NAMES = ("math500", "aime24", "aime25", "gpqa", "gpqa_diamond", "livecodebench")
+BENCHMARK_NAMES = ("math500", "aime24", "aime25", "gsm8k", "gpqa", "gpqa_diamond",
+                   "livecodebench")
 
 
 def parse_date_range(text: str) -> Tuple[Optional[datetime.date], Optional[datetime.date]]:

@@ -5,7 +5,8 @@
     save_results(results, "runs/x/eval/step_100.json"); print(format_table(results))
 
 One place decides how a completion is judged, per grader: `math` extracts the last \\boxed{}
-answer and compares by equivalence (math-verify), `multiple_choice` extracts the option letter,
+answer and compares by equivalence (math-verify), `final_number` reads the final number (GSM8K;
+`rewards.final_number`) and compares the same way, `multiple_choice` extracts the option letter,
 `code` runs the benchmark's tests in the sandbox (`rewards.code.grade_code`, `code_workers` at a
 time). Scores are `eval_metrics.benchmark_scores`: pass@1 averaged over the k samples with its
 standard error, unbiased pass@k, and maj@k for graders with answers to vote on. Every figure

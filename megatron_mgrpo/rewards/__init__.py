@@ -10,6 +10,7 @@ import functools
 from dataclasses import dataclass
 from typing import Callable, Optional
 
+from megatron_mgrpo.rewards.final_number import extract_final_number
 from megatron_mgrpo.rewards.math_answers import extract_boxed, math_equivalent, normalize_answer
 from megatron_mgrpo.rewards.multiple_choice import (
     choice_equivalent,
@@ -22,6 +23,7 @@ __all__ = [
     "Grader",
     "get_grader",
     "extract_boxed",
+    "extract_final_number",
     "math_equivalent",
     "normalize_answer",
     "extract_choice",
@@ -38,7 +40,7 @@ class Grader:
     equivalent: Callable[[str, str], bool]
 
 
-GRADERS = ("math", "multiple_choice")
+GRADERS = ("math", "final_number", "multiple_choice")
 
 
 def get_grader(name: str, choices: str = "ABCD") -> Grader:
@@ -46,6 +48,8 @@ def get_grader(name: str, choices: str = "ABCD") -> Grader:
     `multiple_choice` (e.g. "ABCDEFGHIJ" for ten options)."""
     if name == "math":
         return Grader(extract=extract_boxed, equivalent=math_equivalent)
+    if name == "final_number":
+        return Grader(extract=extract_final_number, equivalent=math_equivalent)
     if name == "multiple_choice":
         return Grader(extract=functools.partial(extract_choice, choices=choices),
                       equivalent=choice_equivalent)
