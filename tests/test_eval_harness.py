@@ -491,16 +491,13 @@ def test_eval_command_errors_are_one_line(model_dir, tmp_path):
 
 def test_chat_template_wraps_the_prompt_as_one_user_message(tokenizer, tmp_path):
     from megatron_mgrpo.data.tokenizer import HFTokenizer, TokenizerError
-    from megatron_mgrpo.evaluation.harness import prompt_ids
 
     hf = tokenizer.to_hf()
     hf.chat_template = ("{% for m in messages %}<|user|>{{ m['content'] }}{% endfor %}"
                         "{% if add_generation_prompt %}<|assistant|>{% endif %}")
     hf.save_pretrained(str(tmp_path))
     chat = HFTokenizer(str(tmp_path))
-    ids = prompt_ids(chat, "Compute $2+3$.", chat_template=True)
+    ids = encode_prompt(chat, "Compute $2+3$.", chat_template=True)
     assert chat.decode(ids) == "<|user|>Compute $2+3$.<|assistant|>"
-    assert prompt_ids(chat, "Compute $2+3$.", chat_template=False) == \
-        encode_prompt(chat, "Compute $2+3$.")
     with pytest.raises(TokenizerError, match="no chat template"):
-        prompt_ids(tokenizer, "Compute $2+3$.", chat_template=True)
+        encode_prompt(tokenizer, "Compute $2+3$.", chat_template=True)

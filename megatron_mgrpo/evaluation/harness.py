@@ -23,11 +23,11 @@ import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
-from megatron_mgrpo.data.tokenizer import Tokenizer, TokenizerError, encode_prompt
+from megatron_mgrpo.data.tokenizer import Tokenizer, encode_prompt
 from megatron_mgrpo.eval_metrics import benchmark_scores
 from megatron_mgrpo.evaluation.benchmarks import Benchmark, EvalProblem, load_benchmark
 
-__all__ = ["load_configured", "prompt_ids", "run_benchmarks", "flat_metrics", "format_table",
+__all__ = ["load_configured", "run_benchmarks", "flat_metrics", "format_table",
            "save_results", "output_dir", "report"]
 
 
@@ -41,21 +41,6 @@ def load_configured(cfg, log: Callable[[str], None] = print) -> List[Benchmark]:
         log(f"eval: {name}: {len(bench.problems)} problems from {', '.join(bench.files)}")
         out.append(bench)
     return out
-
-
-def prompt_ids(tokenizer: Tokenizer, text: str, chat_template: bool) -> List[int]:
-    """The ids the model sees for a prompt: `encode_prompt`, or the tokenizer's chat template
-    around one user message (with the generation prompt)."""
-    if not chat_template:
-        return encode_prompt(tokenizer, text)
-    hf = getattr(tokenizer, "tok", None)
-    if hf is None or not getattr(hf, "chat_template", None):
-        raise TokenizerError("eval.chat_template is true but the tokenizer has no chat template "
-                             "(an HF tokenizer with chat_template in tokenizer_config.json)")
-    ids = hf.apply_chat_template([{"role": "user", "content": text}], tokenize=True,
-                                 add_generation_prompt=True)
-    # transformers 5 returns a BatchEncoding (a mapping), 4.x a list of ids
-    return [int(i) for i in (ids["input_ids"] if hasattr(ids, "keys") else ids)]
 
 
 def _grade_code(problems: Sequence[EvalProblem], texts: Sequence[Sequence[str]], timeout_s: float,
@@ -103,7 +88,7 @@ def run_benchmarks(engine, tokenizer: Tokenizer, benchmarks: Sequence[Benchmark]
         k = cfg.samples_by_benchmark.get(bench.name, cfg.samples)
         kept, ids = [], []
         for p in bench.problems:
-            pid = prompt_ids(tokenizer, p.prompt, cfg.chat_template)
+            pid = encode_prompt(tokenizer, p.prompt, cfg.chat_template)
             if len(pid) <= limit:
                 kept.append(p)
                 ids.append(pid)
