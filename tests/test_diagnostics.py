@@ -1,8 +1,10 @@
 """Collapse diagnostics against hand-computed cases: the vote's margin, all-identical share and
 policy-vs-momentum agreement, entropy quartiles, the collapse step on scripted validation
-curves, the alarms firing and not firing."""
+curves, the alarms firing and not firing, and a tiny run writing them to metrics.jsonl."""
 
+import json
 import math
+import os
 
 import pytest
 import torch
@@ -238,3 +240,32 @@ def test_diagnostics_defaults_are_off_and_load():
     cfg = load_config(None, ["--diagnostics.agreement_alarm", "0.95",
                              "--diagnostics.min_distinct_answers", "1"])
     assert cfg.diagnostics.agreement_alarm == 0.95 and cfg.diagnostics.min_entropy is None
+
+
+# ------------------------------------------------------------------------- a tiny run
+
+def test_a_tiny_run_writes_the_diagnostics_to_metrics_and_plots(tiny_base, tmp_path, capfd):
+    from tests.distributed import run_workers
+    from tests.test_trainer import train_worker
+    from tests.tiny import overrides
+
+    run_dir = str(tmp_path / "run")
+    # An entropy floor no model reaches: its alarm fires at every step, said once.
+    run_workers(train_worker, 1, overrides(tiny_base, run_dir, 2,
+                                           "--diagnostics.min_entropy", "1000",
+                                           "--diagnostics.agreement_alarm", "0.99",
+                                           "--eval.interval", "0"))
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        rows = [json.loads(line) for line in f]
+    assert [r["step"] for r in rows] == [0, 1, 2]
+    for r in rows[1:]:
+        for key in ("vote_margin", "all_identical_frac", "distinct_answers",
+                    "policy_momentum_agreement", "entropy_median", "entropy_fence"):
+            assert isinstance(r.get(key), float), key
+        assert 0 <= r["vote_margin"] <= 1 and 0 <= r["policy_momentum_agreement"] <= 1
+        assert r["entropy_q1"] <= r["entropy_median"] <= r["entropy_q3"]
+        assert r["alarm_entropy_mean"] == 1.0 and r["alarm_vote_agreement"] in (0.0, 1.0)
+    assert "alarm_entropy_mean" not in rows[0]   # the base row has no step figures
+    assert capfd.readouterr().out.count("alarm: entropy_mean") == 1
+    for png in ("collapse.png", "distinct_answers.png"):
+        assert os.path.getsize(os.path.join(run_dir, png)) > 1000, png
