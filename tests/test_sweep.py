@@ -273,6 +273,22 @@ def test_plot_sweep_per_cell_and_grouped(collected):
     assert r.returncode == 2 and "not a grid key" in r.stderr
 
 
+def test_plot_sweep_collapse_preset(collected):
+    """`--metrics collapse` names the diagnostics series; a cell without them is left out."""
+    path = collected / "out" / "algorithm.mode=mgrpo,training.seed=1" / "metrics.jsonl"
+    with open(path, "a") as f:
+        for step in (5, 6):
+            f.write(json.dumps({"step": step, "vote_agreement": 0.9, "vote_margin": 0.5,
+                                "all_identical_frac": 0.25, "distinct_answers": 2.0,
+                                "policy_momentum_agreement": 0.75,
+                                "entropy_median": 0.3}) + "\n")
+    r = _run(PLOT, "out", "--metrics", "collapse,val_accuracy", cwd=collected)
+    assert r.returncode == 0, r.stderr
+    for metric in ("vote_agreement", "vote_margin", "all_identical_frac", "distinct_answers",
+                   "policy_momentum_agreement", "entropy_median", "val_accuracy"):
+        assert (collected / "out" / f"sweep_{metric}.png").stat().st_size > 1000, metric
+
+
 def test_plot_sweep_without_metrics_is_exit_2(collected):
     for d in (collected / "out").iterdir():
         if d.is_dir():
