@@ -269,3 +269,9 @@ def test_a_tiny_run_writes_the_diagnostics_to_metrics_and_plots(tiny_base, tmp_p
     assert capfd.readouterr().out.count("alarm: entropy_mean") == 1
     for png in ("collapse.png", "distinct_answers.png"):
         assert os.path.getsize(os.path.join(run_dir, png)) > 1000, png
+    # The watch's state is in the checkpoint: a resumed run would not say the alarm again.
+    from megatron_mgrpo.checkpoint import read_trainer_state, step_dir
+
+    state = read_trainer_state(step_dir(run_dir, 2))["diagnostics"]
+    assert state["firing"]["entropy_mean"] is True
+    assert state["best_val"] == max(rows[0]["val_accuracy"], rows[2]["val_accuracy"])
