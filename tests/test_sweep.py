@@ -228,7 +228,8 @@ def collected(tmp_path):
     _fake_run(out / "algorithm.mode=mgrpo,training.seed=2", [
         {"step": 0, "val_accuracy": 0.30},
         {"step": 1, "reward_mean": 0.4, "entropy_mean": 1.3},
-        {"step": 2, "reward_mean": 0.5, "entropy_mean": 1.2, "val_accuracy": 0.35}])
+        {"step": 2, "reward_mean": 0.5, "entropy_mean": 1.2, "val_accuracy": 0.35,
+         "collapse_step": 2}])
     _fake_run(out / "algorithm.mode=srt,training.seed=1", [
         {"step": 0, "val_accuracy": 0.30},
         {"step": 1, "reward_mean": 0.9, "entropy_mean": 0.4},
@@ -244,15 +245,15 @@ def test_collect_summary_csv(collected):
         rows = list(csv.reader(f))
     assert rows == [
         ["algorithm.mode", "training.seed", "name", "last_step", "val_accuracy_final",
-         "val_accuracy_best", "reward_mean_final", "entropy_mean_final", "aime24/pass@1",
-         "math500/pass@1"],
+         "val_accuracy_best", "reward_mean_final", "entropy_mean_final", "collapse_step",
+         "aime24/pass@1", "math500/pass@1"],
         ["mgrpo", "1", "algorithm.mode=mgrpo,training.seed=1", "4", "0.45", "0.5", "0.8",
-         "1.0", "0.1", "0.4"],
+         "1.0", "", "0.1", "0.4"],
         ["mgrpo", "2", "algorithm.mode=mgrpo,training.seed=2", "2", "0.35", "0.35", "0.5",
-         "1.2", "", ""],
+         "1.2", "2", "", ""],
         ["srt", "1", "algorithm.mode=srt,training.seed=1", "2", "0.2", "0.3", "1.0", "0.1",
-         "", ""],
-        ["srt", "2", "algorithm.mode=srt,training.seed=2", "", "", "", "", "", "", ""]]
+         "", "", ""],
+        ["srt", "2", "algorithm.mode=srt,training.seed=2", "", "", "", "", "", "", "", ""]]
 
 
 def test_plot_sweep_per_cell_and_grouped(collected):
