@@ -177,12 +177,12 @@ class DiagnosticsConfig:
 
     def validate(self) -> None:
         """Check this section; ConfigError naming the field."""
-        for name in ("min_pseudo_label_accuracy", "agreement_alarm"):
-            value = getattr(self, name)
-            if value is not None and not 0 <= value <= 1:
-                fail(f"diagnostics.{name}", value, "null or a number in [0, 1]")
-        if self.agreement_alarm is not None and self.agreement_alarm == 0:
-            fail("diagnostics.agreement_alarm", 0.0, "null or a number in (0, 1]")
+        floor = self.min_pseudo_label_accuracy
+        if floor is not None and not 0 <= floor <= 1:
+            fail("diagnostics.min_pseudo_label_accuracy", floor, "null or a number in [0, 1]")
+        limit = self.agreement_alarm  # 0 would fire whenever validation accuracy falls
+        if limit is not None and not 0 < limit <= 1:
+            fail("diagnostics.agreement_alarm", limit, "null or a number in (0, 1]")
         for name in ("min_entropy", "min_distinct_answers"):
             value = getattr(self, name)
             if value is not None and value < 0:
