@@ -94,12 +94,17 @@ class MetricsLogger:
 
 PLOTS = {
     "reward.png": ("reward", [("reward_mean", "reward (agreement with the pseudo-label)")]),
-    "entropy.png": ("trajectory entropy", [("entropy_q1", "Q1"), ("entropy_mean", "mean"),
-                                           ("entropy_q3", "Q3"),
+    "entropy.png": ("trajectory entropy", [("entropy_q1", "Q1"), ("entropy_median", "median"),
+                                           ("entropy_mean", "mean"), ("entropy_q3", "Q3"),
                                            ("entropy_fence", "IQR fence")]),
     "pseudo_label_acc.png": ("pseudo-label accuracy", [("pseudo_label_acc", "pseudo-label acc"),
                                                        ("vote_agreement", "vote agreement")]),
     "val_accuracy.png": ("validation", [("val_accuracy", "pass@1"), ("val_maj", "maj@k")]),
+    "collapse.png": ("signs of collapse", [
+        ("vote_agreement", "vote agreement"), ("vote_margin", "vote margin"),
+        ("all_identical_frac", "all G identical"),
+        ("policy_momentum_agreement", "policy = momentum majority")]),
+    "distinct_answers.png": ("answers", [("distinct_answers", "distinct answers per prompt")]),
 }
 
 
@@ -125,6 +130,9 @@ def plot_metrics(run_dir: str) -> List[str]:
                 xs, ys = zip(*pts)
                 ax.plot(xs, ys, marker="o" if len(xs) < 30 else None, ms=3, label=label)
                 drawn = True
+        if drawn and name == "val_accuracy.png":
+            for step in {m["collapse_step"] for m in rows if m.get("collapse_step") is not None}:
+                ax.axvline(step, color="red", ls="--", lw=1, label=f"collapse (step {step})")
         if drawn:
             ax.set_title(title)
             ax.set_xlabel("step")

@@ -15,6 +15,7 @@ from typing import Dict, List, Optional
 from megatron_mgrpo.checkpoint import (CheckpointError, SaveSchedule, latest_step,
                                        remove_partial_saves, resume_candidates, step_dir,
                                        verify_checkpoint)
+from megatron_mgrpo.collapse import CollapseWatch
 from megatron_mgrpo.config.schema import Config
 from megatron_mgrpo.evaluation.periodic import BenchmarkEval, Validator
 from megatron_mgrpo.metrics import MetricsLogger, plot_metrics
@@ -53,7 +54,8 @@ def run_training(session: Session, stops: Optional[StopRequests] = None
     validator = Validator(session, t.eval_interval)
     benchmarks = BenchmarkEval(session, cfg.eval.interval)
     saves = SaveSchedule(t.save_interval, t.steps)
-    start = _resume(session, sampler) if t.resume else 0
+    watch = CollapseWatch(cfg.diagnostics)
+    start = _resume(session, sampler, watch) if t.resume else 0
     log = MetricsLogger(t.run_dir, t.steps, start_step=start, enabled=session.is_main,
                         tensorboard=cfg.logging.tensorboard, progress_bar=cfg.logging.progress_bar)
     session.log_to(log.write)
@@ -67,6 +69,7 @@ def run_training(session: Session, stops: Optional[StopRequests] = None
     if start == 0 and (validator.enabled or benchmarks.enabled):
         base = {"step": 0, **(validator.run() if validator.enabled else {}),
                 **(benchmarks.run(0) if benchmarks.enabled else {})}
+        _watch(session, watch, base)
         session.say(f"step 0 (base): {_fmt(base)}")
         history.append(base)
         log.log(base, advance=False)
@@ -84,7 +87,7 @@ def run_training(session: Session, stops: Optional[StopRequests] = None
             if not _is_rollout_failure(e):
                 raise
             raise RunStopped(f"step {step}: the rollout failed: {e}; "
-                             f"{_save_after_failure(session, step, before, sampler, saves)}",
+                             f"{_save_after_failure(session, step, before, sampler, watch, saves)}",
                              1) from None
         if metrics.get("nonfinite_skipped"):
             session.say(f"step {step}: loss {metrics['loss']:.4g}, grad norm "
@@ -94,6 +97,7 @@ def run_training(session: Session, stops: Optional[StopRequests] = None
             metrics.update(validator.run())
         if benchmarks.due(step, t.steps):
             metrics.update(benchmarks.run(step))
+        _watch(session, watch, metrics)
         metrics["step_time_s"] = time.time() - t0
         history.append(metrics)
         log.log(metrics)
@@ -101,12 +105,12 @@ def run_training(session: Session, stops: Optional[StopRequests] = None
             session.say(f"step {step}: {_fmt(metrics)}")
         saved = saves.due(step)
         if saved:
-            stops.saved_step = _save(session, step, sampler)
+            stops.saved_step = _save(session, step, sampler, watch)
         # rank 0's view (a signal, or slurm's stop file): every rank stops after this step
         reason = session.broadcast(stops.reason() if session.is_main else None)
         if reason:
             if not saved:
-                stops.saved_step = _save(session, step, sampler)
+                stops.saved_step = _save(session, step, sampler, watch)
             session.say(f"stopped ({reason}) after step {step}, saved as "
                         f"{step_dir(t.run_dir, step)}; continue with the same command and "
                         "--resume")
@@ -122,12 +126,20 @@ def run_training(session: Session, stops: Optional[StopRequests] = None
     return history
 
 
-def _save(session: Session, step: int, sampler) -> int:
-    session.save(step, {"data": sampler.state_dict()})
+def _watch(session: Session, watch: CollapseWatch, metrics: Dict[str, float]) -> None:
+    """The row's alarms and collapse step into it; their lines to the log."""
+    added, lines = watch.observe(metrics)
+    metrics.update(added)
+    for line in lines:
+        session.say(line)
+
+
+def _save(session: Session, step: int, sampler, watch: CollapseWatch) -> int:
+    session.save(step, {"data": sampler.state_dict(), "diagnostics": watch.state_dict()})
     return step
 
 
-def _resume(session: Session, sampler) -> int:
+def _resume(session: Session, sampler, watch: CollapseWatch) -> int:
     """Load the newest checkpoint in run_dir that loads, saying which were skipped and why;
     returns its step (0 with nothing saved)."""
     run_dir = session.cfg.training.run_dir
@@ -147,6 +159,7 @@ def _resume(session: Session, sampler) -> int:
                 problem = f"loading it failed ({type(e).__name__}: {str(e).splitlines()[0]})"
         if problem is None:
             sampler.load_state_dict(state["data"])
+            watch.load_state_dict(state.get("diagnostics"))
             session.say(f"resumed from step {step} ({path})")
             return int(state["step"])
         session.say(f"--resume: skipping the checkpoint of step {step}: {problem}")
@@ -166,7 +179,7 @@ def _is_rollout_failure(e: Exception) -> bool:
     return isinstance(e, (RolloutError, WeightUpdateError))
 
 
-def _save_after_failure(session: Session, step: int, before, sampler, saves) -> str:
+def _save_after_failure(session: Session, step: int, before, sampler, watch, saves) -> str:
     """After a step failed in the rollout engine: save the last consistent state, unless it
     is saved already. Before the update, that is the end of the previous step (the data
     position as it was then); after it (the push failed), this step's end."""
@@ -178,7 +191,7 @@ def _save_after_failure(session: Session, step: int, before, sampler, saves) -> 
     if not updated:
         sampler.load_state_dict(sampler_state)
     try:
-        session.save(done, {"data": sampler.state_dict()})
+        _save(session, done, sampler, watch)
     except CheckpointError as e:
         return f"saving step {done} failed too: {e}"
     return f"saved step {done} (--resume continues from it)"

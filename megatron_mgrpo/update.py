@@ -24,9 +24,10 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
-from megatron_mgrpo.algorithm import (ModePlan, clipped_surrogate_loss, group_advantages,
-                                      group_binary_rewards, iqr_entropy_filter, plan_for_mode,
-                                      pseudo_labels, select_training_subset, trajectory_entropy)
+from megatron_mgrpo.algorithm import (ModePlan, clipped_surrogate_loss, entropy_quartiles,
+                                      group_advantages, group_binary_rewards, iqr_entropy_filter,
+                                      plan_for_mode, pseudo_labels, select_training_subset,
+                                      trajectory_entropy, vote_diagnostics)
 from megatron_mgrpo.config.schema import AlgorithmConfig, RolloutConfig
 
 Equivalent = Callable[[str, str], bool]
@@ -57,10 +58,12 @@ def score_groups(answers: Sequence[Sequence[Optional[str]]], plan: ModePlan,
     """Vote (or take the true labels), then reward every completion against its prompt's label.
 
     `true_labels`, when given, are used for the reward only in rlvr; otherwise they only
-    measure how often the pseudo-label is right (`pseudo_label_acc`).
+    measure how often the pseudo-label is right (`pseudo_label_acc`). The vote's collapse
+    diagnostics (`algorithm.diagnostics.vote_diagnostics`) come with the metrics.
     """
     votes = pseudo_labels(answers, equivalent, min_agreement)
-    metrics = {"vote_agreement": sum(v.agreement for v in votes) / max(len(votes), 1)}
+    metrics = {"vote_agreement": sum(v.agreement for v in votes) / max(len(votes), 1),
+               **vote_diagnostics(votes, answers, plan.num_policy, equivalent)}
     if plan.use_vote:
         labels = [v.pseudo_label for v in votes]
     else:
@@ -126,9 +129,11 @@ def plan_update(scored: Scored, plan: ModePlan, alg: AlgorithmConfig,
     else:
         keep = valid
         if int(valid.sum()):
-            q = torch.quantile(h[valid].double(), torch.tensor([0.25, 0.75], dtype=torch.double))
-            metrics.update(entropy_q1=float(q[0]), entropy_q3=float(q[1]))
+            q1, _, q3 = entropy_quartiles(h, valid)
+            metrics.update(entropy_q1=q1, entropy_q3=q3)
         metrics.update(iqr_dropped_frac=0.0)
+    if int(valid.sum()):  # the filter's quantile rule over the same trajectories
+        metrics["entropy_median"] = entropy_quartiles(h, valid)[1]
     metrics["entropy_mean"] = float(h[valid].mean()) if int(valid.sum()) else 0.0
     adv = group_advantages(scored.rewards, keep.reshape(p, g), eps=alg.advantage_eps,
                            filter_before_normalization=alg.filter_before_normalization)

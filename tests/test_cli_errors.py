@@ -211,7 +211,8 @@ def test_config_files_that_are_missing_not_utf8_or_not_a_mapping(capsys, tmp_pat
     listed.write_text("- model\n- data\n")
     assert refused(capsys, "smoke", str(listed)) == (
         f"config file {listed}: the top level must be a mapping of sections (model, parallel, "
-        "rollout, sglang, algorithm, optimizer, data, training, eval, logging); got a list")
+        "rollout, sglang, algorithm, optimizer, data, training, eval, logging, diagnostics); "
+        "got a list")
 
 
 def test_a_run_dir_that_is_a_file(capsys, tmp_path):

@@ -11,12 +11,13 @@ from typing import Dict, List, Literal, Optional
 import pytest
 
 from megatron_mgrpo.config import (AlgorithmConfig, Config, ConfigError, DataConfig,
-                                   LoggingConfig, ModelConfig, OptimizerConfig, ParallelConfig,
-                                   RolloutConfig, TrainingConfig, config_to_dict, dump_config,
-                                   field_docs, load_config)
+                                   DiagnosticsConfig, LoggingConfig, ModelConfig,
+                                   OptimizerConfig, ParallelConfig, RolloutConfig,
+                                   TrainingConfig, config_to_dict, dump_config, field_docs,
+                                   load_config)
 
 SECTIONS = [ModelConfig, ParallelConfig, RolloutConfig, AlgorithmConfig, OptimizerConfig,
-            DataConfig, TrainingConfig, LoggingConfig]
+            DataConfig, TrainingConfig, LoggingConfig, DiagnosticsConfig]
 
 
 def write(tmp_path, text: str, name: str = "cfg.yaml") -> str:
@@ -261,7 +262,7 @@ def test_yaml_that_is_not_a_mapping(tmp_path):
     path = write(tmp_path, "- model\n- parallel\n")
     assert error_of(path) == (f"config file {path}: the top level must be a mapping of sections "
                               "(model, parallel, rollout, sglang, algorithm, optimizer, data, "
-                              "training, eval, logging); got a list")
+                              "training, eval, logging, diagnostics); got a list")
 
 
 def test_missing_file(tmp_path):

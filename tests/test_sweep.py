@@ -228,7 +228,8 @@ def collected(tmp_path):
     _fake_run(out / "algorithm.mode=mgrpo,training.seed=2", [
         {"step": 0, "val_accuracy": 0.30},
         {"step": 1, "reward_mean": 0.4, "entropy_mean": 1.3},
-        {"step": 2, "reward_mean": 0.5, "entropy_mean": 1.2, "val_accuracy": 0.35}])
+        {"step": 2, "reward_mean": 0.5, "entropy_mean": 1.2, "val_accuracy": 0.35,
+         "collapse_step": 2}])
     _fake_run(out / "algorithm.mode=srt,training.seed=1", [
         {"step": 0, "val_accuracy": 0.30},
         {"step": 1, "reward_mean": 0.9, "entropy_mean": 0.4},
@@ -244,15 +245,15 @@ def test_collect_summary_csv(collected):
         rows = list(csv.reader(f))
     assert rows == [
         ["algorithm.mode", "training.seed", "name", "last_step", "val_accuracy_final",
-         "val_accuracy_best", "reward_mean_final", "entropy_mean_final", "aime24/pass@1",
-         "math500/pass@1"],
+         "val_accuracy_best", "reward_mean_final", "entropy_mean_final", "collapse_step",
+         "aime24/pass@1", "math500/pass@1"],
         ["mgrpo", "1", "algorithm.mode=mgrpo,training.seed=1", "4", "0.45", "0.5", "0.8",
-         "1.0", "0.1", "0.4"],
+         "1.0", "", "0.1", "0.4"],
         ["mgrpo", "2", "algorithm.mode=mgrpo,training.seed=2", "2", "0.35", "0.35", "0.5",
-         "1.2", "", ""],
+         "1.2", "2", "", ""],
         ["srt", "1", "algorithm.mode=srt,training.seed=1", "2", "0.2", "0.3", "1.0", "0.1",
-         "", ""],
-        ["srt", "2", "algorithm.mode=srt,training.seed=2", "", "", "", "", "", "", ""]]
+         "", "", ""],
+        ["srt", "2", "algorithm.mode=srt,training.seed=2", "", "", "", "", "", "", "", ""]]
 
 
 def test_plot_sweep_per_cell_and_grouped(collected):
@@ -271,6 +272,22 @@ def test_plot_sweep_per_cell_and_grouped(collected):
     assert "no cell has nowhere" in r.stderr and not (out / "sweep_nowhere.png").exists()
     r = _run(PLOT, "out", "--group-by", "training.steps", cwd=collected)
     assert r.returncode == 2 and "not a grid key" in r.stderr
+
+
+def test_plot_sweep_collapse_preset(collected):
+    """`--metrics collapse` names the diagnostics series; a cell without them is left out."""
+    path = collected / "out" / "algorithm.mode=mgrpo,training.seed=1" / "metrics.jsonl"
+    with open(path, "a") as f:
+        for step in (5, 6):
+            f.write(json.dumps({"step": step, "vote_agreement": 0.9, "vote_margin": 0.5,
+                                "all_identical_frac": 0.25, "distinct_answers": 2.0,
+                                "policy_momentum_agreement": 0.75,
+                                "entropy_median": 0.3}) + "\n")
+    r = _run(PLOT, "out", "--metrics", "collapse,val_accuracy", cwd=collected)
+    assert r.returncode == 0, r.stderr
+    for metric in ("vote_agreement", "vote_margin", "all_identical_frac", "distinct_answers",
+                   "policy_momentum_agreement", "entropy_median", "val_accuracy"):
+        assert (collected / "out" / f"sweep_{metric}.png").stat().st_size > 1000, metric
 
 
 def test_plot_sweep_without_metrics_is_exit_2(collected):

@@ -46,6 +46,7 @@ def test_every_mode_runs_through_the_same_loop(tiny_base, tmp_path, mode):
     m = history[-1]
     assert m["step"] == 1 and 0.0 <= m["reward_mean"] <= 1.0
     assert versions[1] is None  # no momentum model outside mgrpo
+    assert "policy_momentum_agreement" not in m and 0.0 <= m["vote_margin"] <= 1.0
     if "ttrl" in mode:  # 3 of the M = 6 policy completions per prompt are trained on
         assert m["trained_frac"] <= 0.5
 

@@ -3,6 +3,9 @@
     python tools/plot_sweep.py BASE_RUN_DIR [--metrics reward_mean,entropy_mean,val_accuracy]
                                [--group-by algorithm.mode]
 
+`--metrics collapse` names the per-step signs of collapse (`algorithm/diagnostics.py`); a
+preset name and metrics mix (`--metrics collapse,val_accuracy`).
+
 Without --group-by: a line per cell. With it (comma-separated keys allowed): a line per value of
 those keys, the mean over the cells that share it (e.g. over seeds) at each step, and a min-max
 band. Writes `BASE_RUN_DIR/sweep_<metric>.png`; cells without the metric are left out.
@@ -23,6 +26,9 @@ sys.path.insert(0, REPO)
 from megatron_mgrpo.metrics import read_metrics  # noqa: E402
 
 Series = Dict[int, float]  # step -> value
+
+PRESETS = {"collapse": ["vote_agreement", "vote_margin", "all_identical_frac",
+                        "distinct_answers", "policy_momentum_agreement", "entropy_median"]}
 
 
 def cell_dir(base: str, name: str, cell: Dict) -> str:
@@ -93,7 +99,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                                      description="Curves of a sweep's cells, one PNG per metric.")
     parser.add_argument("base_run_dir", help="the sweep's base_run_dir (holds cells.json)")
     parser.add_argument("--metrics", default="reward_mean,entropy_mean,val_accuracy",
-                        help="comma-separated metrics.jsonl keys (default %(default)s)")
+                        help="comma-separated metrics.jsonl keys, or the preset "
+                             f"{' | '.join(PRESETS)} (default %(default)s)")
     parser.add_argument("--group-by", default=None,
                         help="comma-separated grid keys: mean and min-max band per value")
     args = parser.parse_args(argv)
@@ -101,7 +108,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"plot_sweep: no cells.json in {args.base_run_dir} (run tools/sweep.py first)",
               file=sys.stderr)
         return 2
-    metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
+    metrics = [m for name in args.metrics.split(",") if name.strip()
+               for m in PRESETS.get(name.strip(), [name.strip()])]
     group_by = [k.strip() for k in args.group_by.split(",")] if args.group_by else None
     with open(os.path.join(args.base_run_dir, "cells.json")) as f:
         cells = json.load(f)

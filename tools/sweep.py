@@ -267,7 +267,7 @@ def collect(sweep: Dict[str, Any], cells: List[Dict[str, Any]]) -> int:
     bench_keys = sorted(bench)
     keys = list(sweep["grid"])
     header = [*keys, "name", "last_step", "val_accuracy_final", "val_accuracy_best",
-              "reward_mean_final", "entropy_mean_final", *bench_keys]
+              "reward_mean_final", "entropy_mean_final", "collapse_step", *bench_keys]
     have = 0
     path = os.path.join(sweep["base_run_dir"], SUMMARY)
     os.makedirs(sweep["base_run_dir"], exist_ok=True)
@@ -294,8 +294,9 @@ def summary_values(metrics: List[Dict[str, Any]], bench_keys: List[str]) -> List
     steps = [m["step"] for m in metrics if isinstance(m.get("step"), int)]
     evals = [m for m in metrics if any(m.get(k) is not None for k in bench_keys)]
     at_eval = [evals[-1].get(k, "") if evals else "" for k in bench_keys]
+    collapse = series("collapse_step")  # logged once, when the run's CollapseWatch found it
     return [steps[-1] if steps else "", last("val_accuracy"), max(acc) if acc else "",
-            last("reward_mean"), last("entropy_mean"),
+            last("reward_mean"), last("entropy_mean"), collapse[0] if collapse else "",
             *("" if v is None else v for v in at_eval)]
 
 

@@ -1,5 +1,6 @@
 """The M-GRPO method as pure tensor functions: vote, rewards, entropy filter, advantages, loss,
-momentum (EMA) update, and the modes that switch them. No process groups, no I/O.
+momentum (EMA) update, the modes that switch them, and the per-step collapse diagnostics. No
+process groups, no I/O.
 
 The names below load their module on first use (PEP 562), so that reading the mode rules
 (`algorithm.modes`, which the config's validation does) does not import torch and every other
@@ -14,6 +15,9 @@ from typing import TYPE_CHECKING, Any
 # Name -> the module of this package that defines it.
 _WHERE = {
     "group_advantages": "advantages",
+    "all_identical": "diagnostics", "entropy_quartiles": "diagnostics",
+    "policy_momentum_agreement": "diagnostics", "vote_diagnostics": "diagnostics",
+    "vote_margin": "diagnostics",
     "check_momentum": "ema", "ema_step": "ema", "ema_update_": "ema",
     "IQRFilterResult": "entropy_filter", "iqr_entropy_filter": "entropy_filter",
     "trajectory_entropy": "entropy_filter",
@@ -43,6 +47,13 @@ def __dir__():
 
 if TYPE_CHECKING:  # what the names are, for readers and type checkers
     from megatron_mgrpo.algorithm.advantages import group_advantages  # noqa: F401
+    from megatron_mgrpo.algorithm.diagnostics import (  # noqa: F401
+        all_identical,
+        entropy_quartiles,
+        policy_momentum_agreement,
+        vote_diagnostics,
+        vote_margin,
+    )
     from megatron_mgrpo.algorithm.ema import check_momentum, ema_step, ema_update_  # noqa: F401
     from megatron_mgrpo.algorithm.entropy_filter import (  # noqa: F401
         IQRFilterResult,

@@ -3,12 +3,13 @@ command-line loader (`loader`). Nothing here imports the components that read th
 
 from megatron_mgrpo.config.loader import config_to_dict, dump_config, field_docs, load_config
 from megatron_mgrpo.config.schema import (AlgorithmConfig, Config, ConfigError, DataConfig,
-                                          EvalConfig, LoggingConfig, ModelConfig,
-                                          OptimizerConfig, ParallelConfig, RolloutConfig,
-                                          SGLangConfig, TrainingConfig)
+                                          DiagnosticsConfig, EvalConfig, LoggingConfig,
+                                          ModelConfig, OptimizerConfig, ParallelConfig,
+                                          RolloutConfig, SGLangConfig, TrainingConfig)
 
 __all__ = [
     "Config", "ModelConfig", "ParallelConfig", "RolloutConfig", "SGLangConfig",
     "AlgorithmConfig", "OptimizerConfig", "DataConfig", "TrainingConfig", "EvalConfig",
-    "LoggingConfig", "ConfigError", "load_config", "dump_config", "config_to_dict", "field_docs",
+    "LoggingConfig", "DiagnosticsConfig", "ConfigError", "load_config", "dump_config",
+    "config_to_dict", "field_docs",
 ]

@@ -1,4 +1,4 @@
-"""The eval and logging sections: what a run measures and reports.
+"""The eval, logging and diagnostics sections: what a run measures and reports.
 
 The benchmark names and the date-window syntax are the evaluation component's; the eval section
 reads them from `evaluation.catalog`, a leaf module (nothing else from this package).
@@ -12,7 +12,7 @@ from typing import Dict, List, Optional
 from megatron_mgrpo.config.checks import fail, one_of, positive
 from megatron_mgrpo.evaluation.catalog import BENCHMARK_NAMES, parse_date_range
 
-__all__ = ["EvalConfig", "LoggingConfig"]
+__all__ = ["EvalConfig", "LoggingConfig", "DiagnosticsConfig"]
 
 
 @dataclass
@@ -146,3 +146,48 @@ class LoggingConfig:
     def validate(self) -> None:
         """Check this section; ConfigError naming the field."""
         positive("logging.log_interval", self.log_interval)  # the loops take step % it
+
+
+@dataclass
+class DiagnosticsConfig:
+    """Collapse alarms and the collapse step (`collapse.CollapseWatch`). The per-step figures
+    they read are always logged; each alarm is off (null) until given a threshold."""
+
+    min_pseudo_label_accuracy: Optional[float] = None
+    """Alarm when `pseudo_label_acc` (only where data.answer_key gives the answers) is below
+    this, in [0, 1]."""
+
+    min_entropy: Optional[float] = None
+    """Alarm when `entropy_mean` (the trained trajectories' mean token entropy, nats) is below
+    this."""
+
+    min_distinct_answers: Optional[float] = None
+    """Alarm when `distinct_answers` (answer clusters per prompt, the step's mean) is below
+    this."""
+
+    agreement_alarm: Optional[float] = None
+    """Alarm when `vote_agreement` is at least this, in (0, 1], while validation accuracy
+    falls (the newest validation point below the best one before it)."""
+
+    collapse_margin: float = 0.05
+    """The collapse step: validation accuracy below the best so far minus this margin ..."""
+
+    collapse_window: int = 3
+    """... at this many validation points in a row (0: no collapse step)."""
+
+    def validate(self) -> None:
+        """Check this section; ConfigError naming the field."""
+        floor = self.min_pseudo_label_accuracy
+        if floor is not None and not 0 <= floor <= 1:
+            fail("diagnostics.min_pseudo_label_accuracy", floor, "null or a number in [0, 1]")
+        limit = self.agreement_alarm  # 0 would fire whenever validation accuracy falls
+        if limit is not None and not 0 < limit <= 1:
+            fail("diagnostics.agreement_alarm", limit, "null or a number in (0, 1]")
+        for name in ("min_entropy", "min_distinct_answers"):
+            value = getattr(self, name)
+            if value is not None and value < 0:
+                fail(f"diagnostics.{name}", value, "null or a number >= 0")
+        if self.collapse_margin < 0:
+            fail("diagnostics.collapse_margin", self.collapse_margin, "a number >= 0")
+        if self.collapse_window < 0:
+            fail("diagnostics.collapse_window", self.collapse_window, "an integer >= 0")

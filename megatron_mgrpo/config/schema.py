@@ -2,9 +2,10 @@
 
 The sections live beside this file, each with a `validate()` for its own fields: `model.py`
 (model, parallel; reading an HF config.json), `rollout.py` (rollout, sglang), `training.py`
-(algorithm, optimizer, data, training), `reporting.py` (eval, logging). `Config.validate()` runs
-them all before anything is built and raises a one-line `ConfigError` naming the field and the
-accepted values, so a bad config never surfaces as a trace from deep inside megatron-core.
+(algorithm, optimizer, data, training), `reporting.py` (eval, logging, diagnostics).
+`Config.validate()` runs them all before anything is built and raises a one-line `ConfigError`
+naming the field and the accepted values, so a bad config never surfaces as a trace from deep
+inside megatron-core.
 
 Layering: `config/` imports nothing from the package outside itself but the leaf modules that
 hold a component's rules (`algorithm.modes`, `evaluation.catalog`); the components import the
@@ -20,14 +21,15 @@ from typing import Iterable, Mapping, Optional
 from megatron_mgrpo.config.checks import ConfigError, all_finite, fail
 from megatron_mgrpo.config.model import (ARCHITECTURES, DTYPES, LLAMA3_ROPE_KEYS, ModelConfig,
                                          ParallelConfig, resolve)
-from megatron_mgrpo.config.reporting import EvalConfig, LoggingConfig
+from megatron_mgrpo.config.reporting import DiagnosticsConfig, EvalConfig, LoggingConfig
 from megatron_mgrpo.config.rollout import RolloutConfig, SGLangConfig
 from megatron_mgrpo.config.training import (AlgorithmConfig, DataConfig, OptimizerConfig,
                                             TrainingConfig)
 
 __all__ = ["Config", "ConfigError", "ModelConfig", "ParallelConfig", "RolloutConfig",
            "SGLangConfig", "AlgorithmConfig", "OptimizerConfig", "DataConfig", "TrainingConfig",
-           "EvalConfig", "LoggingConfig", "ARCHITECTURES", "DTYPES", "LLAMA3_ROPE_KEYS"]
+           "EvalConfig", "LoggingConfig", "DiagnosticsConfig", "ARCHITECTURES", "DTYPES",
+           "LLAMA3_ROPE_KEYS"]
 
 
 @dataclass
@@ -64,6 +66,9 @@ class Config:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     """Metrics and progress."""
 
+    diagnostics: DiagnosticsConfig = field(default_factory=DiagnosticsConfig)
+    """Collapse alarms and the collapse step."""
+
     def resolve(self, given: Optional[Mapping[str, Iterable[str]]] = None) -> "Config":
         """This config with the effective model section: the base's architecture where
         model.load (or model.hf_config) names one (`config.model.resolve`). `given`: the keys
@@ -92,6 +97,7 @@ class Config:
         self.training.validate()
         self.eval.validate()
         self.logging.validate()
+        self.diagnostics.validate()
         self._check_lengths(model)
         self._check_minibatches()
         return self
