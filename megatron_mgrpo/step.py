@@ -40,12 +40,15 @@ class RolloutBatch:
     """[P][G] extracted answers (None: unparseable)."""
     completion_lengths: torch.Tensor
     """[P * G] generated tokens per completion."""
+    truncated: Optional[torch.Tensor] = None
+    """[P * G] bool: the completion ran out of tokens (finish_reason "length")."""
 
 
-def build_batch(prompt_ids: Sequence[Sequence[int]], groups, extract, decode, pad_id: int
-                ) -> RolloutBatch:
-    """Pack prompts and their completions ([P][G] engine Completions) into tensors."""
-    rows, masks, lps, answers, lengths = [], [], [], [], []
+def build_batch(prompt_ids: Sequence[Sequence[int]], groups, extract, decode, pad_id: int,
+                grade_truncated: bool = True) -> RolloutBatch:
+    """Pack prompts and their completions ([P][G] engine Completions) into tensors; without
+    `grade_truncated`, a completion that ran out of tokens has no answer."""
+    rows, masks, lps, answers, lengths, cuts = [], [], [], [], [], []
     for prompt, completions in zip(prompt_ids, groups):
         group_answers = []
         for c in completions:
@@ -53,7 +56,9 @@ def build_batch(prompt_ids: Sequence[Sequence[int]], groups, extract, decode, pa
             masks.append([0] * len(prompt) + [1] * len(c.token_ids))
             lps.append([0.0] * len(prompt) + list(c.logprobs))
             lengths.append(len(c.token_ids))
-            group_answers.append(extract(decode(list(c.token_ids))))
+            cuts.append(c.finish_reason == "length")
+            ungraded = cuts[-1] and not grade_truncated
+            group_answers.append(None if ungraded else extract(decode(list(c.token_ids))))
         answers.append(group_answers)
     width = max(len(r) for r in rows)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
@@ -63,7 +68,8 @@ def build_batch(prompt_ids: Sequence[Sequence[int]], groups, extract, decode, pa
         ids[i, :len(r)] = torch.tensor(r)
         mask[i, :len(m)] = torch.tensor(m, dtype=torch.float)
         blp[i, :len(lp)] = torch.tensor(lp)
-    return RolloutBatch(ids, mask, blp, answers, torch.tensor(lengths, dtype=torch.float))
+    return RolloutBatch(ids, mask, blp, answers, torch.tensor(lengths, dtype=torch.float),
+                        torch.tensor(cuts, dtype=torch.bool))
 
 
 class RolloutSource(Protocol):
@@ -94,7 +100,7 @@ class EngineSource:
                 raise failure
             raise RolloutError(groups.message)
         return build_batch(prompt_ids, groups, s.grader.extract, s.tokenizer.decode,
-                           s.tokenizer.pad_id)
+                           s.tokenizer.pad_id, s.cfg.algorithm.grade_truncated)
 
 
     def _generate(self, prompt_ids: List[List[int]], step: int):
@@ -166,6 +172,8 @@ def rl_step(session, source: RolloutSource, prompts: Sequence, step: int) -> Ste
                       step)}
     metrics.update(session.push(step, step % cfg.rollout.momentum_push_interval == 0))
     metrics["completion_len"] = float(batch.completion_lengths.mean())
+    if batch.truncated is not None:
+        metrics["truncated_frac"] = float(batch.truncated.float().mean())
     return StepRecord(metrics, batch, scored, logprobs)
 
 

@@ -1,5 +1,6 @@
 """tools/make_arith_tasks.py: the same files every time, distinct problems, and `mgrpo eval`'s
-GPQA loader (with the tool's template) sees exactly the prompt and letter a training run does."""
+GPQA loader (with the tool's template) and GSM8K loader (its default template) see exactly the
+prompt and answer a training run does."""
 
 import json
 import os
@@ -20,7 +21,7 @@ def make(out):
 
 def test_files_are_deterministic_and_match_the_eval_loader(tmp_path):
     first, again = make(tmp_path / "a"), make(tmp_path / "b")
-    assert first == again and len(first) == 6
+    assert first == again and len(first) == 12
     sys.path.insert(0, os.path.join(ROOT, "tools"))
     try:
         from make_arith_tasks import SETS, TEMPLATE
@@ -38,3 +39,11 @@ def test_files_are_deterministic_and_match_the_eval_loader(tmp_path):
                                TEMPLATE, seed=0)
         assert [p.prompt for p in bench.problems] == [r["prompt"] for r in val]
         assert [p.answer for p in bench.problems] == [r["answer"] for r in val]
+        open_val = [json.loads(x) for x in first[f"{name}_open_val.jsonl"].splitlines()]
+        assert [(r["question"], r["answer"]) for r in open_val] == \
+            [(r["Question"], r["value"]) for r in val]
+        gsm8k = load_benchmark("gsm8k", str(tmp_path),
+                               {"gsm8k": str(tmp_path / "a" / f"{name}_open_val.jsonl")})
+        assert [p.prompt for p in gsm8k.problems] == [r["prompt"] for r in open_val]
+        assert [(p.id, p.answer) for p in gsm8k.problems] == \
+            [(r["id"], r["answer"]) for r in open_val]

@@ -30,6 +30,11 @@ class AlgorithmConfig:
     final_number: a box, else the number after `####` or "answer is", else the last number;
     multiple_choice: the option letter)."""
 
+    grade_truncated: bool = True
+    """Whether a completion cut off at rollout.max_new_tokens has an answer. False: it has none
+    (it neither votes nor matches the pseudo-label), so the vote cannot settle on whatever
+    number a rambling, unfinished completion happens to end with (README, SmolLM2's runs)."""
+
     momentum: float = 0.99
     """m in Eq. 1: theta_k <- m * theta_k + (1 - m) * theta_q. In [0, 1)."""
 
