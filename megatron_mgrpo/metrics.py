@@ -105,6 +105,10 @@ PLOTS = {
         ("all_identical_frac", "all G identical"),
         ("policy_momentum_agreement", "policy = momentum majority")]),
     "distinct_answers.png": ("answers", [("distinct_answers", "distinct answers per prompt")]),
+    "time.png": ("seconds per step", [
+        ("step_time_s", "step"), ("generate_policy_time_s", "generate (policy)"),
+        ("generate_momentum_time_s", "generate (momentum)"), ("logprob_time_s", "log-probs"),
+        ("reference_time_s", "reference"), ("train_time_s", "train"), ("push_time_s", "push")]),
 }
 
 

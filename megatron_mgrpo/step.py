@@ -22,6 +22,7 @@ from typing import Dict, List, Optional, Protocol, Sequence
 import torch
 
 from megatron_mgrpo.models.policy import NonFiniteUpdate
+from megatron_mgrpo.timing import PhaseTimer
 from megatron_mgrpo.update import (Scored, make_loss_fn, plan_update, score_groups,
                                    trained_columns)
 
@@ -82,6 +83,7 @@ class EngineSource:
 
     def __init__(self, session):
         self.session = session
+        self.timer = PhaseTimer()
 
     def sample(self, prompt_ids: List[List[int]], step: int) -> RolloutBatch:
         from megatron_mgrpo.rollout.base import RolloutError
@@ -112,9 +114,10 @@ class EngineSource:
         # With one group of servers for both sets, the set it holds goes first (no swap).
         for model in s.engine.generation_order([m for m in plan if plan[m][0]]):
             n, seed_of_set = plan[model]
-            made[model] = s.engine.generate(prompt_ids, n,
-                                            sampling(s.cfg, s.tokenizer, seed_of_set),
-                                            model=model)
+            with self.timer(f"generate_{model}"):
+                made[model] = s.engine.generate(prompt_ids, n,
+                                                sampling(s.cfg, s.tokenizer, seed_of_set),
+                                                model=model)
         groups = made["policy"]
         if "momentum" in made:
             groups = [a + b for a, b in zip(groups, made["momentum"])]
@@ -150,30 +153,47 @@ class StepRecord:
 
 
 def rl_step(session, source: RolloutSource, prompts: Sequence, step: int) -> StepRecord:
-    """One M-GRPO step (module docstring) on `prompts` (objects with `prompt_ids`, `answer`)."""
+    """One M-GRPO step (module docstring) on `prompts` (objects with `prompt_ids`, `answer`).
+    Its phases' seconds are in the metrics as `<phase>_time_s` (`timing.PhaseTimer`)."""
     cfg, mode, policy = session.cfg, session.mode, session.policy
     a = cfg.algorithm
-    batch = source.sample([p.prompt_ids for p in prompts], step)
-    scored = score_groups(batch.answers, mode, session.grader.equivalent, a.min_agreement,
-                          [p.answer for p in prompts])
-    logprobs, entropy = policy.logprobs_global({"input_ids": batch.input_ids})
+    timer = PhaseTimer()
+    with timer("rollout"):  # generation (by model, below), the broadcast, decoding, grading
+        batch = source.sample([p.prompt_ids for p in prompts], step)
+    with timer("score"):
+        scored = score_groups(batch.answers, mode, session.grader.equivalent, a.min_agreement,
+                              [p.answer for p in prompts])
+    with timer("logprob"):
+        logprobs, entropy = policy.logprobs_global({"input_ids": batch.input_ids})
     # The momentum model's completions were sampled by it: their behaviour log-probs are the
     # engine's, not the policy's.
     old = logprobs.clone()
     momentum_rows = _momentum_rows(batch, mode)
     old[momentum_rows.to(old.device)] = batch.behaviour_logprobs[momentum_rows].to(old)
-    ref = session.reference_logprobs(batch.input_ids)
+    with timer("reference"):
+        ref = session.reference_logprobs(batch.input_ids)
     trained = trained_columns(mode, len(prompts),
                               torch.Generator().manual_seed(cfg.training.seed + step))
     update = plan_update(scored, mode, a, entropy, batch.completion_mask, trained)
     metrics = {"step": step, **update.metrics,
-               "rollout_logprob_gap": _logprob_gap(batch, logprobs, ~momentum_rows),
-               **_ppo(session, batch.input_ids, update.advantages, update.loss_mask, old, ref,
-                      step)}
-    metrics.update(session.push(step, step % cfg.rollout.momentum_push_interval == 0))
+               "rollout_logprob_gap": _logprob_gap(batch, logprobs, ~momentum_rows)}
+    with timer("train"):
+        metrics.update(_ppo(session, batch.input_ids, update.advantages, update.loss_mask, old,
+                            ref, step))
+    with timer("push"):
+        metrics.update(session.push(step, step % cfg.rollout.momentum_push_interval == 0))
     metrics["completion_len"] = float(batch.completion_lengths.mean())
     if batch.truncated is not None:
         metrics["truncated_frac"] = float(batch.truncated.float().mean())
+    phases = timer.pop()
+    # Sequential: the trainer waits for the whole rollout, the engine for everything else.
+    phases["trainer_wait_time_s"] = phases["rollout_time_s"]
+    phases["engine_wait_time_s"] = sum(v for k, v in phases.items()
+                                       if k not in ("rollout_time_s", "trainer_wait_time_s"))
+    metrics.update(phases)
+    source_timer = getattr(source, "timer", None)
+    if source_timer is not None:
+        metrics.update(source_timer.pop())
     return StepRecord(metrics, batch, scored, logprobs)
 
 

@@ -198,7 +198,8 @@ def _save_after_failure(session: Session, step: int, before, sampler, watch, sav
 
 
 _SHOWN = ("reward_mean", "vote_agreement", "pseudo_label_acc", "entropy_mean",
-          "iqr_dropped_frac", "kl", "loss", "val_accuracy", "val_maj")
+          "iqr_dropped_frac", "kl", "loss", "val_accuracy", "val_maj", "rollout_time_s",
+          "train_time_s")
 
 
 def _fmt(m: Dict[str, float]) -> str:

@@ -244,7 +244,8 @@ def test_diagnostics_defaults_are_off_and_load():
 
 # ------------------------------------------------------------------------- a tiny run
 
-def test_a_tiny_run_writes_the_diagnostics_to_metrics_and_plots(tiny_base, tmp_path, capfd):
+def test_a_tiny_run_writes_the_diagnostics_and_phase_times_to_metrics_and_plots(
+        tiny_base, tmp_path, capfd):
     from tests.distributed import run_workers
     from tests.test_trainer import train_worker
     from tests.tiny import overrides
@@ -265,9 +266,17 @@ def test_a_tiny_run_writes_the_diagnostics_to_metrics_and_plots(tiny_base, tmp_p
         assert 0 <= r["vote_margin"] <= 1 and 0 <= r["policy_momentum_agreement"] <= 1
         assert r["entropy_q1"] <= r["entropy_median"] <= r["entropy_q3"]
         assert r["alarm_entropy_mean"] == 1.0 and r["alarm_vote_agreement"] in (0.0, 1.0)
+        # Phase times (step.rl_step): generation inside the rollout, the phases inside the step.
+        phases = ("rollout", "score", "logprob", "reference", "train", "push")
+        t = {k: r[f"{k}_time_s"] for k in phases + ("generate_policy", "generate_momentum")}
+        assert all(v >= 0 for v in t.values()), t
+        assert t["generate_policy"] + t["generate_momentum"] <= t["rollout"]
+        assert sum(t[k] for k in phases) <= r["step_time_s"]
+        assert r["trainer_wait_time_s"] == t["rollout"]
+        assert r["engine_wait_time_s"] == pytest.approx(sum(t[k] for k in phases[1:]))
     assert "alarm_entropy_mean" not in rows[0]   # the base row has no step figures
     assert capfd.readouterr().out.count("alarm: entropy_mean") == 1
-    for png in ("collapse.png", "distinct_answers.png"):
+    for png in ("collapse.png", "distinct_answers.png", "time.png"):
         assert os.path.getsize(os.path.join(run_dir, png)) > 1000, png
     # The watch's state is in the checkpoint: a resumed run would not say the alarm again.
     from megatron_mgrpo.checkpoint import read_trainer_state, step_dir

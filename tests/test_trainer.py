@@ -33,7 +33,8 @@ def train_worker(args):
 
 
 def strip_timing(history):
-    return [{k: v for k, v in m.items() if k not in TIMING} for m in history]
+    return [{k: v for k, v in m.items() if k not in TIMING and not k.endswith("_time_s")}
+            for m in history]
 
 
 @pytest.fixture(scope="module")
