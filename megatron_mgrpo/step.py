@@ -3,7 +3,9 @@
   1. sample M completions per prompt from the policy and N from the momentum model;
   2. vote over all M + N answers -> pseudo-labels -> binary rewards (true labels in rlvr);
   3. the policy's log-probs and token entropies of every completion (one forward);
-  4. behaviour log-probs for the momentum model's rows (the engine's: it sampled them);
+  4. behaviour log-probs for the momentum model's rows (the engine's: it sampled them); with
+     `algorithm.tis_cap`, the policy's own for every row, the engine's through a truncated
+     importance weight instead;
   5. the reference model's log-probs (with a KL term);
   6. IQR entropy filter -> GRPO group advantages -> loss mask;
   7. PPO epochs x minibatches of clipped-surrogate steps, the EMA fused into the last one;
@@ -21,6 +23,7 @@ from typing import Dict, List, Optional, Protocol, Sequence
 
 import torch
 
+from megatron_mgrpo.algorithm import truncated_importance_weights
 from megatron_mgrpo.models.policy import NonFiniteUpdate
 from megatron_mgrpo.timing import PhaseTimer
 from megatron_mgrpo.update import (Scored, make_loss_fn, plan_update, score_groups,
@@ -165,11 +168,19 @@ def rl_step(session, source: RolloutSource, prompts: Sequence, step: int) -> Ste
                               [p.answer for p in prompts])
     with timer("logprob"):
         logprobs, entropy = policy.logprobs_global({"input_ids": batch.input_ids})
-    # The momentum model's completions were sampled by it: their behaviour log-probs are the
-    # engine's, not the policy's.
-    old = logprobs.clone()
     momentum_rows = _momentum_rows(batch, mode)
-    old[momentum_rows.to(old.device)] = batch.behaviour_logprobs[momentum_rows].to(old)
+    if a.tis_cap is None:
+        # The momentum model's completions were sampled by it: their behaviour log-probs are
+        # the engine's, not the policy's.
+        old = logprobs.clone()
+        old[momentum_rows.to(old.device)] = batch.behaviour_logprobs[momentum_rows].to(old)
+        behaviour = None
+    else:
+        # Decoupled PPO: the clip is around the proximal policy (the policy before this
+        # update) on every row; the engine's log-probs, whoever sampled, enter only through
+        # the truncated importance weight.
+        old = logprobs
+        behaviour = batch.behaviour_logprobs.to(device=logprobs.device, dtype=torch.float32)
     with timer("reference"):
         ref = session.reference_logprobs(batch.input_ids)
     trained = trained_columns(mode, len(prompts),
@@ -177,9 +188,16 @@ def rl_step(session, source: RolloutSource, prompts: Sequence, step: int) -> Ste
     update = plan_update(scored, mode, a, entropy, batch.completion_mask, trained)
     metrics = {"step": step, **update.metrics,
                "rollout_logprob_gap": _logprob_gap(batch, logprobs, ~momentum_rows)}
+    if behaviour is not None:
+        # Prox and behaviour are fixed for the whole step, so the weights every minibatch
+        # uses are these: their exact global mean, max and truncated share, once.
+        w = truncated_importance_weights(logprobs, behaviour,
+                                         update.loss_mask.to(logprobs.device), a.tis_cap)
+        metrics.update(tis_weight_mean=float(w.mean), tis_weight_max=float(w.max),
+                       tis_truncated_frac=float(w.truncated_frac))
     with timer("train"):
         metrics.update(_ppo(session, batch.input_ids, update.advantages, update.loss_mask, old,
-                            ref, step))
+                            ref, step, behaviour))
     with timer("push"):
         metrics.update(session.push(step, step % cfg.rollout.momentum_push_interval == 0))
     metrics["completion_len"] = float(batch.completion_lengths.mean())
@@ -213,8 +231,8 @@ def _logprob_gap(batch: RolloutBatch, policy_logprobs: torch.Tensor,
     return float(gap.sum() / mask.sum().clamp(min=1))
 
 
-def _ppo(session, input_ids, advantages, loss_mask, old_logprobs, ref_logprobs, step: int
-         ) -> Dict[str, float]:
+def _ppo(session, input_ids, advantages, loss_mask, old_logprobs, ref_logprobs, step: int,
+         behaviour_logprobs=None) -> Dict[str, float]:
     """PPO epochs x minibatches over this step's rollouts (each rank its DP shard); the
     momentum model moves once, inside the last optimizer step."""
     a, policy, momentum = session.cfg.algorithm, session.policy, session.momentum
@@ -222,6 +240,8 @@ def _ppo(session, input_ids, advantages, loss_mask, old_logprobs, ref_logprobs, 
             "old_logprobs": old_logprobs}
     if ref_logprobs is not None:
         full["ref_logprobs"] = ref_logprobs
+    if behaviour_logprobs is not None:
+        full["behaviour_logprobs"] = behaviour_logprobs
     rows = torch.arange(input_ids.shape[0])
     g = torch.Generator().manual_seed(session.cfg.training.seed + step)
     loss_fn = make_loss_fn(a)

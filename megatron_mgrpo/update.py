@@ -147,9 +147,13 @@ def make_loss_fn(alg: AlgorithmConfig):
     """The policy's per-microbatch loss: clipped surrogate summed over tokens (megatron divides
     by the global token count), with metric sums the policy turns into global token means.
 
-    The microbatch carries `loss_mask`, `advantages`, `old_logprobs` and, with kl_coef > 0,
-    `ref_logprobs`.
+    The microbatch carries `loss_mask`, `advantages`, `old_logprobs`, with kl_coef > 0
+    `ref_logprobs` and, with `tis_cap`, `behaviour_logprobs` (then `old_logprobs` are the
+    proximal policy's). The importance weights' mean, max and truncated share are not among
+    the metric sums: they are fixed for the whole step, so `step.rl_step` logs them exactly,
+    once, over the full batch (a max does not survive the policy's sum reduction).
     """
+    tis_cap = alg.tis_cap
 
     def loss_fn(logprobs, entropy, micro):
         mask = micro["loss_mask"]
@@ -157,7 +161,9 @@ def make_loss_fn(alg: AlgorithmConfig):
             logprobs, micro["old_logprobs"], micro["advantages"], mask,
             clip_low=alg.clip_low, clip_high=alg.clip_high,
             ref_logprobs=micro.get("ref_logprobs"), kl_coef=alg.kl_coef,
-            entropy=entropy, entropy_coef=alg.entropy_coef, num_tokens=1.0)
+            entropy=entropy, entropy_coef=alg.entropy_coef, num_tokens=1.0,
+            behaviour_logprobs=None if tis_cap is None else micro["behaviour_logprobs"],
+            tis_cap=tis_cap)
         n = stats.num_tokens.float()
         metrics = {"pg_loss": stats.pg_loss * n, "clip_frac": stats.clip_frac * n,
                    "approx_kl": stats.approx_kl * n, "ratio_mean": stats.ratio_mean * n}

@@ -21,7 +21,8 @@ _WHERE = {
     "check_momentum": "ema", "ema_step": "ema", "ema_update_": "ema",
     "IQRFilterResult": "entropy_filter", "iqr_entropy_filter": "entropy_filter",
     "trajectory_entropy": "entropy_filter",
-    "LossStats": "loss", "clipped_surrogate_loss": "loss", "kl_low_var": "loss",
+    "ImportanceWeights": "loss", "LossStats": "loss", "clipped_surrogate_loss": "loss",
+    "kl_low_var": "loss", "truncated_importance_weights": "loss",
     "MODES": "modes", "ModePlan": "modes", "plan_for_mode": "modes",
     "select_training_subset": "modes",
     "binary_rewards": "rewards", "group_binary_rewards": "rewards",
@@ -61,9 +62,11 @@ if TYPE_CHECKING:  # what the names are, for readers and type checkers
         trajectory_entropy,
     )
     from megatron_mgrpo.algorithm.loss import (  # noqa: F401
+        ImportanceWeights,
         LossStats,
         clipped_surrogate_loss,
         kl_low_var,
+        truncated_importance_weights,
     )
     from megatron_mgrpo.algorithm.modes import (  # noqa: F401
         MODES,

@@ -99,6 +99,14 @@ class AlgorithmConfig:
     ppo_minibatches: int = 1
     """Optimizer steps per epoch (the rollouts split into this many minibatches)."""
 
+    tis_cap: Optional[float] = None
+    """Importance correction for completions the trained policy did not sample (the momentum
+    model's when trained on, engine-vs-trainer numerics such as FP8, stale rollouts): decoupled
+    PPO, the ratio clipped around the policy's log-probs recomputed before the update, times
+    the truncated weight min(pi_prox / pi_behaviour, tis_cap) from the engine's log-probs.
+    null (default): off, the plain PPO loss. 2.0 is verl's default. At least 1, so that a token
+    sampled by the proximal policy itself keeps weight 1."""
+
     def validate(self, rollout: RolloutConfig) -> None:
         """Check this section, and the rollout counts against the mode's rules; ConfigError
         naming the field."""
@@ -153,6 +161,8 @@ class AlgorithmConfig:
                 fail(f"algorithm.{name}", getattr(a, name), "a number >= 0")
         positive("algorithm.ppo_epochs", a.ppo_epochs)
         positive("algorithm.ppo_minibatches", a.ppo_minibatches)
+        if a.tis_cap is not None and not a.tis_cap >= 1:
+            fail("algorithm.tis_cap", a.tis_cap, "null or a number >= 1")
 
 
 @dataclass
