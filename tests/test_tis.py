@@ -154,3 +154,25 @@ def test_the_microbatch_loss_carries_the_weights():
     assert metrics["pg_loss"].item() == pytest.approx(4.78, abs=1e-5)
     loss_sum, _, _ = make_loss_fn(AlgorithmConfig())(logprobs, None, micro)
     assert loss_sum.item() == pytest.approx(1.9, abs=1e-5)
+
+
+def smoke_worker(run_dir, extra):
+    from megatron_mgrpo.smoke import run_smoke
+
+    cfg = load_config(SMOKE, ["--training.steps", "2", "--training.run_dir", run_dir,
+                              "--algorithm.train_on_momentum_rollouts", "true", *extra])
+    return run_smoke(cfg, log=lambda *_: None)
+
+
+def test_a_step_with_tis_logs_finite_weights(tmp_path):
+    """The smoke batch's behaviour log-probs are the step-0 policy's: at step 0 every weight is
+    1 up to the forward's numerics; at step 1 the policy has moved (the weights are stale)."""
+    runs = run_workers(smoke_worker, 1, str(tmp_path), ["--algorithm.tis_cap", "2"])[0]
+    for m in runs:
+        for k in ("tis_weight_mean", "tis_weight_max", "tis_truncated_frac", "loss"):
+            assert math.isfinite(m[k]), (k, m[k])
+        assert 0 < m["tis_weight_mean"] <= m["tis_weight_max"] <= 2.0
+        assert 0 <= m["tis_truncated_frac"] <= 1
+    assert runs[0]["tis_weight_mean"] == pytest.approx(1.0, abs=1e-4)
+    assert runs[0]["tis_truncated_frac"] == 0.0
+    assert runs[1]["tis_weight_mean"] != runs[0]["tis_weight_mean"]
