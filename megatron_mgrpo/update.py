@@ -128,12 +128,12 @@ def plan_update(scored: Scored, plan: ModePlan, alg: AlgorithmConfig,
                        floor_dropped_frac=f.num_dropped_by_floor / max(f.num_valid, 1))
     else:
         keep = valid
-        if int(valid.sum()):
-            q1, _, q3 = entropy_quartiles(h, valid)
-            metrics.update(entropy_q1=q1, entropy_q3=q3)
         metrics.update(iqr_dropped_frac=0.0)
     if int(valid.sum()):  # the filter's quantile rule over the same trajectories
-        metrics["entropy_median"] = entropy_quartiles(h, valid)[1]
+        q1, median, q3 = entropy_quartiles(h, valid)
+        metrics["entropy_median"] = median
+        if not plan.use_iqr_filter:  # the filter reported its own Q1 and Q3 above
+            metrics.update(entropy_q1=q1, entropy_q3=q3)
     metrics["entropy_mean"] = float(h[valid].mean()) if int(valid.sum()) else 0.0
     adv = group_advantages(scored.rewards, keep.reshape(p, g), eps=alg.advantage_eps,
                            filter_before_normalization=alg.filter_before_normalization)

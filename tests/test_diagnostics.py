@@ -117,6 +117,13 @@ def test_plan_update_logs_the_median_and_the_fence():
     assert (m["entropy_q1"], m["entropy_median"], m["entropy_q3"]) == pytest.approx(
         (1.75, 2.5, 3.25))
     assert m["entropy_fence"] == pytest.approx(1.75 - 0.75 * 1.5)
+    # Without the filter the same quartiles come from entropy_quartiles alone, and no fence.
+    unfiltered = plan_for_mode("mgrpo", 2, 1, iqr_filter=False)
+    m = plan_update(scored, unfiltered, AlgorithmConfig(iqr_filter=False), tokens, mask,
+                    trained_columns(unfiltered, 2)).metrics
+    assert (m["entropy_q1"], m["entropy_median"], m["entropy_q3"]) == pytest.approx(
+        (1.75, 2.5, 3.25))
+    assert "entropy_fence" not in m and m["iqr_dropped_frac"] == 0.0
 
 
 # ---------------------------------------------------------------------- the collapse step
