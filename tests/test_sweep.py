@@ -10,6 +10,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -89,6 +90,15 @@ def sweep_dir(tmp_path):
     ("config: c.yaml\ngrid: {training.seed: [1, 1]}\n", "both named"),
     ("- just a list\n", "expected a mapping"),
     ("config: [unclosed\n", "not YAML/JSON"),
+    ("config: c.yaml\narms: [a, b]\n", "arms must be a mapping"),
+    ("config: c.yaml\narms: {}\n", "empty grid"),
+    ("config: c.yaml\narms: {a b: {algorithm.mode: srt}}\n", "arm name 'a b'"),
+    ("config: c.yaml\narms: {a: [1]}\n", "arms.a must be a mapping"),
+    ("config: c.yaml\narms: {a: {seed: 1}}\n", "not a dotted config key"),
+    ("config: c.yaml\narms: {a: {training.seed: 1}}\ngrid: {training.seed: [1]}\n",
+     "training.seed is in both arms.a and grid"),
+    ("config: c.yaml\narms: {a: {training.seed: 1}}\nfixed: {training.seed: 1}\n",
+     "training.seed is in both arms.a and fixed"),
 ])
 def test_malformed_sweep_file_is_one_line_exit_2(tmp_path, text, message):
     (tmp_path / "bad.yaml").write_text(text)
@@ -144,6 +154,86 @@ def test_names_are_filesystem_safe_and_values_round_trip(tmp_path):
         cfg = load_config(None, args[4:], validate=False)
         assert cfg.eval.benchmarks == ["math500", "aime24"] and cfg.model.load == "/m/a b"
         assert cfg.algorithm.iqr_filter is True and cfg.training.stop_file == stop_file
+
+
+ARMS_YAML = """\
+config: cfg.yaml
+base_run_dir: runs/arms
+arms:
+  srt_g4: {algorithm.mode: srt, rollout.num_policy_rollouts: 4}
+  mgrpo_m0.9: {algorithm.mode: mgrpo, algorithm.momentum: 0.9}
+grid: {training.seed: [1, 2]}
+fixed: {training.steps: 3}
+"""
+
+
+def test_arms_cross_the_grid(tmp_path):
+    (tmp_path / "a.yaml").write_text(ARMS_YAML)
+    r = _run(SWEEP, "a.yaml", "--dry-run", "--command", "t", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    names = ["srt_g4,training.seed=1", "srt_g4,training.seed=2",
+             "mgrpo_m0.9,training.seed=1", "mgrpo_m0.9,training.seed=2"]
+    assert lines[:4] == [
+        "t cfg.yaml --training.run_dir runs/arms/srt_g4,training.seed=1 --algorithm.mode srt "
+        "--rollout.num_policy_rollouts 4 --training.seed 1 --training.steps 3",
+        "t cfg.yaml --training.run_dir runs/arms/srt_g4,training.seed=2 --algorithm.mode srt "
+        "--rollout.num_policy_rollouts 4 --training.seed 2 --training.steps 3",
+        "t cfg.yaml --training.run_dir runs/arms/mgrpo_m0.9,training.seed=1 "
+        "--algorithm.mode mgrpo --algorithm.momentum 0.9 --training.seed 1 --training.steps 3",
+        "t cfg.yaml --training.run_dir runs/arms/mgrpo_m0.9,training.seed=2 "
+        "--algorithm.mode mgrpo --algorithm.momentum 0.9 --training.seed 2 --training.steps 3"]
+    manifest = json.loads("\n".join(lines[4:]))
+    assert list(manifest) == names
+    assert manifest[names[2]]["values"] == {"arm": "mgrpo_m0.9", "training.seed": 1}
+    # Arms alone (no grid): one cell per arm, named by it.
+    (tmp_path / "b.yaml").write_text("config: c.yaml\narms: {x: {training.seed: 1}, y: {}}\n")
+    r = _run(SWEEP, "b.yaml", "--dry-run", "--command", "t", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines()[:2] == ["t c.yaml --training.run_dir runs/b/x --training.seed 1",
+                                         "t c.yaml --training.run_dir runs/b/y"]
+
+
+def test_jobs_runs_cells_side_by_side_and_collects_by_arm(tmp_path):
+    """--jobs 2: both cells of a pair run at once (each waits until it sees the other's
+    marker), their times go to cell_times.jsonl, and summary.csv has an arm column."""
+    (tmp_path / "a.yaml").write_text(ARMS_YAML)
+    (tmp_path / "cfg.yaml").write_text("training:\n  steps: 3\n")
+    (tmp_path / "pair_train.py").write_text(FAKE_TRAIN.replace(
+        'print("training", run_dir)', textwrap.dedent("""\
+        import glob, time
+        open(os.path.join(run_dir, "started"), "w").close()
+        deadline = time.time() + 60
+        while len(glob.glob(os.path.join(os.path.dirname(run_dir), "*", "started"))) < 2:
+            assert time.time() < deadline, "the other cell never started"
+            time.sleep(0.05)
+        print("threads", os.environ.get("OMP_NUM_THREADS"))""")))
+    env_cmd = f"{sys.executable} pair_train.py"
+    r = subprocess.run([sys.executable, str(SWEEP), "a.yaml", "--jobs", "2", "--max-cells", "2",
+                        "--command", env_cmd], cwd=tmp_path, capture_output=True, text=True,
+                       timeout=DEADLOCK_GUARD_S)
+    assert r.returncode == 2 and "4 cells is more than --max-cells 2" in r.stderr
+    (tmp_path / "a.yaml").write_text(ARMS_YAML.replace("[1, 2]", "[1]"))
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+    r = subprocess.run([sys.executable, str(SWEEP), "a.yaml", "--jobs", "2", "--command",
+                        env_cmd], cwd=tmp_path, capture_output=True, text=True, env=env,
+                       timeout=DEADLOCK_GUARD_S)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "sweep: 2 ok, 0 skipped, 0 failed of 2 cells" in r.stdout
+    threads = str(max(1, (os.cpu_count() or 1) // 2))
+    for name in ("srt_g4,training.seed=1", "mgrpo_m0.9,training.seed=1"):
+        assert f"threads {threads}" in (tmp_path / "runs/arms" / name / "sweep.log").read_text()
+    times = [json.loads(line) for line in
+             (tmp_path / "runs/arms/cell_times.jsonl").read_text().splitlines()]
+    assert sorted(t["cell"] for t in times) == ["mgrpo_m0.9,training.seed=1",
+                                                 "srt_g4,training.seed=1"]
+    assert all(t["exit"] == 0 and t["jobs"] == 2 and t["seconds"] >= 0 for t in times)
+    assert _run(SWEEP, "a.yaml", "--collect", cwd=tmp_path).returncode == 0
+    with open(tmp_path / "runs/arms/summary.csv") as f:
+        rows = list(csv.reader(f))
+    assert rows[0][:3] == ["arm", "training.seed", "name"]
+    assert [r[:4] for r in rows[1:]] == [["srt_g4", "1", "srt_g4,training.seed=1", "3"],
+                                         ["mgrpo_m0.9", "1", "mgrpo_m0.9,training.seed=1", "3"]]
 
 
 def test_slurm_array_script(sweep_dir):

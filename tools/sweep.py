@@ -1,6 +1,6 @@
 """A grid of training runs from one sweep file, run here or as a slurm array, then collected.
 
-    python tools/sweep.py SWEEP [--local]           run the cells one after another (default)
+    python tools/sweep.py SWEEP [--local] [--jobs N] run the cells here, N at a time (default 1)
     python tools/sweep.py SWEEP --slurm SCRIPT      write <base_run_dir>/sweep_array.sh
     python tools/sweep.py SWEEP --dry-run           print the command lines and the manifest
     python tools/sweep.py SWEEP --collect           write <base_run_dir>/summary.csv
@@ -16,15 +16,27 @@ The sweep file (YAML or JSON):
       training.seed: [1, 2]
     fixed: {training.steps: 20}             # optional: overrides for every cell
 
-1. Cells are the product of the grid lists, in the order the keys are written. A cell's name is
-   its grid values, keys sorted (`algorithm.mode=srt,rollout.num_momentum_rollouts=0,...`),
-   made filesystem-safe; its run_dir is `<base_run_dir>/<name>`. `cells.json` in base_run_dir
-   maps each name to its index, grid values, overrides (grid + fixed) and run_dir.
+or, where the compared settings are not a product (`examples/experiments/collapse.yaml`), named
+arms, each a set of overrides, crossed with the grid:
+
+    arms:
+      srt_g8: {algorithm.mode: srt, rollout.num_policy_rollouts: 8}
+      mgrpo: {algorithm.mode: mgrpo, algorithm.momentum: 0.99}
+    grid: {training.seed: [1, 2, 3]}        # optional with arms
+
+1. Cells are the product of the grid lists, in the order the keys are written (with arms: each
+   arm in order, then that product). A cell's name is its grid values, keys sorted
+   (`algorithm.mode=srt,rollout.num_momentum_rollouts=0,...`), after `<arm>,` with arms, made
+   filesystem-safe; its run_dir is `<base_run_dir>/<name>`. `cells.json` in base_run_dir maps
+   each name to its index, values (the grid's, and `arm`), overrides (arm + grid + fixed) and
+   run_dir. A key set by two of arm, grid and fixed is refused.
 2. --local runs `mgrpo train CONFIG --training.run_dir DIR <overrides>` per cell, output in
-   `<run_dir>/sweep.log`. A cell whose metrics.jsonl ends at its training.steps is skipped; one
-   with metrics short of that (or when the steps are unknown) continues with
-   --training.resume true. A failed cell does not stop the others; the exit status is 1 if any
-   failed.
+   `<run_dir>/sweep.log`, --jobs cells at a time (each child gets OMP_NUM_THREADS = the CPUs
+   over --jobs unless it is set). A cell whose metrics.jsonl ends at its training.steps is
+   skipped; one with metrics short of that (or when the steps are unknown) continues with
+   --training.resume true, so rerunning the sweep after an interruption finishes it. A failed
+   cell does not stop the others; the exit status is 1 if any failed. Each cell's wall time is
+   appended to `<base_run_dir>/cell_times.jsonl`.
 3. --slurm SCRIPT writes an array job: task i exports RUN_DIR (and CONFIG) of cell i and runs
    `bash SCRIPT -- <overrides>`; its #SBATCH lines are SCRIPT's plus --array. It prints the
    sbatch command; it does not submit.
@@ -53,10 +65,11 @@ sys.path.insert(0, REPO)
 
 from megatron_mgrpo.metrics import read_metrics  # noqa: E402
 
-TOP_LEVEL_KEYS = ("config", "base_run_dir", "grid", "fixed")
+TOP_LEVEL_KEYS = ("config", "base_run_dir", "arms", "grid", "fixed")
 MANIFEST = "cells.json"
 ARRAY_SCRIPT = "sweep_array.sh"
 SUMMARY = "summary.csv"
+CELL_TIMES = "cell_times.jsonl"
 LOG = "sweep.log"
 TRAIN_COMMAND = [sys.executable, "-m", "megatron_mgrpo.cli", "train"]
 
@@ -85,9 +98,21 @@ def load_sweep(path: str) -> Dict[str, Any]:
                          f"(known: {', '.join(TOP_LEVEL_KEYS)})")
     if not isinstance(raw.get("config"), str) or not raw["config"]:
         raise SweepError(f"{path}: missing config (the training config file)")
-    grid = raw.get("grid")
-    if not isinstance(grid, dict) or not grid:
+    arms = raw.get("arms") or {}
+    if not isinstance(arms, dict):
+        raise SweepError(f"{path}: arms must be a mapping of arm name -> overrides")
+    grid = raw.get("grid") or {}
+    if not isinstance(grid, dict) or not (grid or arms):
         raise SweepError(f"{path}: empty grid (a mapping of override key -> list of values)")
+    for arm, overrides in arms.items():
+        if not isinstance(arm, str) or not re.fullmatch(r"[\w.+-]+", arm):
+            raise SweepError(f"{path}: arm name {arm!r} is not made of letters, digits, _.+-")
+        if not isinstance(overrides, dict):
+            raise SweepError(f"{path}: arms.{arm} must be a mapping of override key -> value")
+        for key in overrides:
+            _check_key(path, key)
+            if key in grid:
+                raise SweepError(f"{path}: {key} is in both arms.{arm} and grid")
     fixed = raw.get("fixed") or {}
     if not isinstance(fixed, dict):
         raise SweepError(f"{path}: fixed must be a mapping of override key -> value")
@@ -100,12 +125,16 @@ def load_sweep(path: str) -> Dict[str, Any]:
         _check_key(path, key)
         if key in grid:
             raise SweepError(f"{path}: {key} is in both grid and fixed")
+        arm = next((a for a, o in arms.items() if key in o), None)
+        if arm is not None:
+            raise SweepError(f"{path}: {key} is in both arms.{arm} and fixed")
     base = raw.get("base_run_dir")
     if base is None:
         base = os.path.join("runs", os.path.splitext(os.path.basename(path))[0])
     if not isinstance(base, str) or not base:
         raise SweepError(f"{path}: base_run_dir must be a path")
-    return {"config": raw["config"], "base_run_dir": base, "grid": grid, "fixed": fixed}
+    return {"config": raw["config"], "base_run_dir": base, "arms": arms, "grid": grid,
+            "fixed": fixed}
 
 
 def _check_key(path: str, key: Any) -> None:
@@ -124,9 +153,10 @@ def yaml_value(value: Any) -> str:
     return text[:-len("...")].strip() if text.endswith("...") else text
 
 
-def cell_name(values: Dict[str, Any]) -> str:
-    """`k=v` over the sorted keys, joined by commas, with anything but [\\w.=,+-] made `_`."""
-    name = ",".join(f"{k}={yaml_value(values[k])}" for k in sorted(values))
+def cell_name(values: Dict[str, Any], arm: Optional[str] = None) -> str:
+    """`k=v` over the sorted keys, joined by commas (after `arm`), anything but [\\w.=,+-] `_`."""
+    name = ",".join([arm] * (arm is not None)
+                    + [f"{k}={yaml_value(values[k])}" for k in sorted(values)])
     name = re.sub(r"[^\w.=,+-]", "_", name)
     if len(name) > 200:  # file names stop at 255 bytes
         name = name[:180] + "~" + hashlib.sha1(name.encode()).hexdigest()[:12]
@@ -134,15 +164,18 @@ def cell_name(values: Dict[str, Any]) -> str:
 
 
 def make_cells(sweep: Dict[str, Any]) -> List[Dict[str, Any]]:
-    """The cartesian product of the grid (first key slowest), each with name, overrides, run_dir."""
+    """Each arm (or none) x the grid's product (first key slowest): name, overrides, run_dir."""
     keys = list(sweep["grid"])
+    arms = sweep.get("arms") or {None: {}}
     cells = []
-    for combo in itertools.product(*(sweep["grid"][k] for k in keys)):
-        values = dict(zip(keys, combo))
-        name = cell_name(values)
-        cells.append({"name": name, "index": len(cells), "values": values,
-                      "overrides": {**values, **sweep["fixed"]},
-                      "run_dir": os.path.join(sweep["base_run_dir"], name)})
+    for arm, arm_overrides in arms.items():
+        for combo in itertools.product(*(sweep["grid"][k] for k in keys)):
+            values = dict(zip(keys, combo))
+            name = cell_name(values, arm)
+            cells.append({"name": name, "index": len(cells),
+                          "values": values if arm is None else {"arm": arm, **values},
+                          "overrides": {**arm_overrides, **values, **sweep["fixed"]},
+                          "run_dir": os.path.join(sweep["base_run_dir"], name)})
     names = [c["name"] for c in cells]
     dup = next((n for n in names if names.count(n) > 1), None)
     if dup is not None:
@@ -189,12 +222,16 @@ def last_step(run_dir: str) -> Optional[int]:
 # ---------------------------------------------------------------------------------- modes
 
 
-def run_local(sweep: Dict[str, Any], cells: List[Dict[str, Any]], command: List[str]) -> int:
+def run_local(sweep: Dict[str, Any], cells: List[Dict[str, Any]], command: List[str],
+              jobs: int = 1) -> int:
     write_manifest(sweep, cells)
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (REPO, env.get("PYTHONPATH")) if p)
+    if jobs > 1 and "OMP_NUM_THREADS" not in env:  # N cells share the CPUs, not each all of them
+        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // jobs))
     done: Dict[str, List[str]] = {"ok": [], "skipped": [], "failed": []}
     n = len(cells)
+    todo = []
     for cell in cells:
         head = f"[{cell['index'] + 1}/{n}] {cell['name']}"
         steps, last = target_steps(sweep, cell), last_step(cell["run_dir"])
@@ -206,21 +243,35 @@ def run_local(sweep: Dict[str, Any], cells: List[Dict[str, Any]], command: List[
                *override_args(cell)]
         if last is not None:  # interrupted (or steps unknown): continue from its checkpoint
             cmd += ["--training.resume", "true"]
-        os.makedirs(cell["run_dir"], exist_ok=True)
-        log = os.path.join(cell["run_dir"], LOG)
-        print(f"{head}: running{' (resume)' if last is not None else ''}", flush=True)
-        start = time.time()
-        with open(log, "a") as f:
-            f.write(f"# {time.strftime('%Y-%m-%d %H:%M:%S')} {shlex.join(cmd)}\n")
-            f.flush()
-            rc = subprocess.call(cmd, stdout=f, stderr=subprocess.STDOUT, env=env)
-        took = time.time() - start
-        if rc == 0:
-            print(f"{head}: ok ({took:.0f} s)", flush=True)
-            done["ok"].append(cell["name"])
-        else:
-            print(f"{head}: failed (exit {rc}, {took:.0f} s), log: {log}", flush=True)
-            done["failed"].append(f"{cell['name']}: exit {rc}, log: {log}")
+        todo.append((head, cell, cmd, last is not None))
+    running: List[Any] = []
+    while todo or running:
+        while todo and len(running) < jobs:
+            head, cell, cmd, resume = todo.pop(0)
+            os.makedirs(cell["run_dir"], exist_ok=True)
+            log = open(os.path.join(cell["run_dir"], LOG), "a")
+            log.write(f"# {time.strftime('%Y-%m-%d %H:%M:%S')} {shlex.join(cmd)}\n")
+            log.flush()
+            print(f"{head}: running{' (resume)' if resume else ''}", flush=True)
+            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+            running.append((head, cell, proc, log, time.time(), resume))
+        time.sleep(0.05 if jobs == 1 else 1.0)
+        for entry in [e for e in running if e[2].poll() is not None]:
+            running.remove(entry)
+            head, cell, proc, log, start, resume = entry
+            log.close()
+            took, rc = time.time() - start, proc.returncode
+            with open(os.path.join(sweep["base_run_dir"], CELL_TIMES), "a") as f:
+                f.write(json.dumps({"cell": cell["name"], "seconds": round(took, 1),
+                                    "exit": rc, "resumed": resume, "jobs": jobs,
+                                    "end": time.strftime("%Y-%m-%d %H:%M:%S")}) + "\n")
+            if rc == 0:
+                print(f"{head}: ok ({took:.0f} s)", flush=True)
+                done["ok"].append(cell["name"])
+            else:
+                log_path = os.path.join(cell["run_dir"], LOG)
+                print(f"{head}: failed (exit {rc}, {took:.0f} s), log: {log_path}", flush=True)
+                done["failed"].append(f"{cell['name']}: exit {rc}, log: {log_path}")
     print(f"sweep: {len(done['ok'])} ok, {len(done['skipped'])} skipped, "
           f"{len(done['failed'])} failed of {n} cells")
     for line in done["failed"]:
@@ -265,7 +316,7 @@ def collect(sweep: Dict[str, Any], cells: List[Dict[str, Any]]) -> int:
         bench |= {k for m in metrics for k in m if k.endswith("/pass@1")}
         rows.append((cell, metrics))
     bench_keys = sorted(bench)
-    keys = list(sweep["grid"])
+    keys = ["arm"] * bool(sweep.get("arms")) + list(sweep["grid"])
     header = [*keys, "name", "last_step", "val_accuracy_final", "val_accuracy_best",
               "reward_mean_final", "entropy_mean_final", "collapse_step", *bench_keys]
     have = 0
@@ -314,6 +365,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                       help="write summary.csv from the cells' metrics.jsonl")
     parser.add_argument("--dry-run", action="store_true",
                         help="print each cell's command and the manifest; write nothing")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="with --local: cells run at the same time (default 1)")
     parser.add_argument("--max-cells", type=int, default=64,
                         help="refuse grids with more cells than this (default 64)")
     parser.add_argument("--command", default=None,
@@ -325,6 +378,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         cells = make_cells(sweep)
         if len(cells) > args.max_cells:
             raise SweepError(f"{len(cells)} cells is more than --max-cells {args.max_cells}")
+        if args.jobs < 1:
+            raise SweepError(f"--jobs {args.jobs}: must be >= 1")
         if args.slurm and not os.path.isfile(args.slurm):
             raise SweepError(f"no launcher script {args.slurm}")
     except SweepError as e:
@@ -352,7 +407,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                               *override_args(cell)]))
         print(json.dumps(manifest(cells), indent=2))
         return 0
-    return run_local(sweep, cells, command)
+    return run_local(sweep, cells, command, args.jobs)
 
 
 if __name__ == "__main__":
