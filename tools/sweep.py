@@ -40,7 +40,8 @@ arms, each a set of overrides, crossed with the grid:
 3. --slurm SCRIPT writes an array job: task i exports RUN_DIR (and CONFIG) of cell i and runs
    `bash SCRIPT -- <overrides>`; its #SBATCH lines are SCRIPT's plus --array. It prints the
    sbatch command; it does not submit.
-4. Which combinations are valid is the trainer's config check's business, not this file's.
+4. A `report` section is tools/experiment_report.py's; this tool ignores it.
+5. Which combinations are valid is the trainer's config check's business, not this file's.
 """
 
 from __future__ import annotations
@@ -65,7 +66,7 @@ sys.path.insert(0, REPO)
 
 from megatron_mgrpo.metrics import read_metrics  # noqa: E402
 
-TOP_LEVEL_KEYS = ("config", "base_run_dir", "arms", "grid", "fixed")
+TOP_LEVEL_KEYS = ("config", "base_run_dir", "arms", "grid", "fixed", "report")
 MANIFEST = "cells.json"
 ARRAY_SCRIPT = "sweep_array.sh"
 SUMMARY = "summary.csv"
