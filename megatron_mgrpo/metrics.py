@@ -108,7 +108,8 @@ PLOTS = {
     "time.png": ("seconds per step", [
         ("step_time_s", "step"), ("generate_policy_time_s", "generate (policy)"),
         ("generate_momentum_time_s", "generate (momentum)"), ("logprob_time_s", "log-probs"),
-        ("reference_time_s", "reference"), ("train_time_s", "train"), ("push_time_s", "push")]),
+        ("reference_time_s", "reference"), ("train_time_s", "train"), ("push_time_s", "push"),
+        ("overlap_wait_time_s", "wait for the generation ahead")]),
 }
 
 

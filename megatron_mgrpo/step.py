@@ -11,8 +11,9 @@
   7. PPO epochs x minibatches of clipped-surrogate steps, the EMA fused into the last one;
   8. push the new policy (and, every K steps, the momentum model) into the rollout engine.
 
-Training samples from the session's engine (`EngineSource`); `mgrpo smoke` runs the same step
-over a fixed synthetic batch (`smoke.SyntheticSource`).
+Training samples from the session's engine (`engine_source.EngineSource`, which may generate
+the next step's completions while this one trains); `mgrpo smoke` runs the same step over a
+fixed synthetic batch (`smoke.SyntheticSource`).
 """
 
 from __future__ import annotations
@@ -81,59 +82,6 @@ class RolloutSource(Protocol):
         """M policy + N momentum completions per prompt, the same batch on every rank."""
 
 
-class EngineSource:
-    """Completions from the session's rollout engine: rank 0 samples, every rank gets them."""
-
-    def __init__(self, session):
-        self.session = session
-        self.timer = PhaseTimer()
-
-    def sample(self, prompt_ids: List[List[int]], step: int) -> RolloutBatch:
-        from megatron_mgrpo.rollout.base import RolloutError
-
-        s = self.session
-        groups, failure = None, None
-        if s.is_main:
-            try:
-                groups = self._generate(prompt_ids, step)
-                s.engine.release_memory()  # colocated servers: the memory is training's now
-            except Exception as e:  # noqa: BLE001 (every rank must hear of it, below)
-                failure = e
-        groups = s.broadcast(groups if failure is None else _Failed(str(failure)))
-        if isinstance(groups, _Failed):
-            if failure is not None:
-                raise failure
-            raise RolloutError(groups.message)
-        return build_batch(prompt_ids, groups, s.grader.extract, s.tokenizer.decode,
-                           s.tokenizer.pad_id, s.cfg.algorithm.grade_truncated)
-
-
-    def _generate(self, prompt_ids: List[List[int]], step: int):
-        s, mode = self.session, self.session.mode
-        seed = s.cfg.training.seed * 1_000_003 + step
-        plan = {"policy": (mode.num_policy, seed),
-                "momentum": (mode.num_momentum, seed + 500_009)}
-        made = {}
-        # With one group of servers for both sets, the set it holds goes first (no swap).
-        for model in s.engine.generation_order([m for m in plan if plan[m][0]]):
-            n, seed_of_set = plan[model]
-            with self.timer(f"generate_{model}"):
-                made[model] = s.engine.generate(prompt_ids, n,
-                                                sampling(s.cfg, s.tokenizer, seed_of_set),
-                                                model=model)
-        groups = made["policy"]
-        if "momentum" in made:
-            groups = [a + b for a, b in zip(groups, made["momentum"])]
-        return groups
-
-
-@dataclasses.dataclass
-class _Failed:
-    """Rank 0's generation failed: what the other ranks raise instead of waiting forever."""
-
-    message: str
-
-
 def sampling(cfg, tokenizer, seed: int, max_new_tokens: Optional[int] = None):
     """The rollout section's sampling parameters, stopping at the tokenizer's stop tokens."""
     from megatron_mgrpo.rollout.base import SamplingParams
@@ -155,14 +103,20 @@ class StepRecord:
     """[P * G, S] the policy's log-probs before the update."""
 
 
-def rl_step(session, source: RolloutSource, prompts: Sequence, step: int) -> StepRecord:
+def rl_step(session, source: RolloutSource, prompts: Sequence, step: int,
+            next_prompts: Optional[Sequence] = None) -> StepRecord:
     """One M-GRPO step (module docstring) on `prompts` (objects with `prompt_ids`, `answer`).
-    Its phases' seconds are in the metrics as `<phase>_time_s` (`timing.PhaseTimer`)."""
+    Its phases' seconds are in the metrics as `<phase>_time_s` (`timing.PhaseTimer`). With
+    `next_prompts` and a source that generates ahead (`engine_source.EngineSource` under
+    rollout.overlap), the next step's generation runs while this one trains."""
     cfg, mode, policy = session.cfg, session.mode, session.policy
     a = cfg.algorithm
     timer = PhaseTimer()
     with timer("rollout"):  # generation (by model, below), the broadcast, decoding, grading
         batch = source.sample([p.prompt_ids for p in prompts], step)
+    ahead = getattr(source, "ahead", None)
+    if ahead is not None and next_prompts is not None:
+        ahead([p.prompt_ids for p in next_prompts], step + 1)
     with timer("score"):
         scored = score_groups(batch.answers, mode, session.grader.equivalent, a.min_agreement,
                               [p.answer for p in prompts])
@@ -198,20 +152,26 @@ def rl_step(session, source: RolloutSource, prompts: Sequence, step: int) -> Ste
     with timer("train"):
         metrics.update(_ppo(session, batch.input_ids, update.advantages, update.loss_mask, old,
                             ref, step, behaviour))
+    ahead_busy = 0.0
+    if ahead is not None:
+        with timer("overlap_wait"):  # no weights change under a generation
+            ahead_busy = source.settle()
     with timer("push"):
         metrics.update(session.push(step, step % cfg.rollout.momentum_push_interval == 0))
     metrics["completion_len"] = float(batch.completion_lengths.mean())
     if batch.truncated is not None:
         metrics["truncated_frac"] = float(batch.truncated.float().mean())
     phases = timer.pop()
-    # Sequential: the trainer waits for the whole rollout, the engine for everything else.
-    phases["trainer_wait_time_s"] = phases["rollout_time_s"]
-    phases["engine_wait_time_s"] = sum(v for k, v in phases.items()
-                                       if k not in ("rollout_time_s", "trainer_wait_time_s"))
+    # The trainer waits for this step's rollout and for the generation ahead to finish; the
+    # engine idles for the rest of the step less what it generated ahead meanwhile.
+    total = sum(phases.values())
+    phases["trainer_wait_time_s"] = phases["rollout_time_s"] + phases.get("overlap_wait_time_s",
+                                                                          0.0)
+    phases["engine_wait_time_s"] = max(0.0, total - phases["rollout_time_s"] - ahead_busy)
     metrics.update(phases)
-    source_timer = getattr(source, "timer", None)
-    if source_timer is not None:
-        metrics.update(source_timer.pop())
+    source_metrics = getattr(source, "pop_metrics", None)
+    if source_metrics is not None:
+        metrics.update(source_metrics())
     return StepRecord(metrics, batch, scored, logprobs)
 
 

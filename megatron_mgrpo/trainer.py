@@ -22,7 +22,8 @@ from megatron_mgrpo.metrics import MetricsLogger, plot_metrics
 from megatron_mgrpo.models.policy import NonFiniteUpdate
 from megatron_mgrpo.run_dir import claim_run_dir
 from megatron_mgrpo.session import Session
-from megatron_mgrpo.step import EngineSource, rl_step
+from megatron_mgrpo.engine_source import EngineSource
+from megatron_mgrpo.step import rl_step
 from megatron_mgrpo.errors import RunStopped
 from megatron_mgrpo.stopping import StopRequests, exit_code
 
@@ -74,12 +75,15 @@ def run_training(session: Session, stops: Optional[StopRequests] = None
         history.append(base)
         log.log(base, advance=False)
     source = EngineSource(session)
+    overlap = cfg.rollout.overlap != "none"  # the next step's prompts are generated ahead
     stops.phase, stops.saved_step = "stepping", latest_step(t.run_dir)
     for step in range(start + 1, t.steps + 1):
         t0 = time.time()
         before = sampler.state_dict(), session.policy.scheduler.num_steps
         try:
-            metrics = rl_step(session, source, sampler.next_batch(), step).metrics
+            prompts = sampler.next_batch()
+            ahead = sampler.peek_batch() if overlap and step < t.steps else None
+            metrics = rl_step(session, source, prompts, step, next_prompts=ahead).metrics
         except NonFiniteUpdate as e:
             raise RunStopped(f"step {step}: {e}: stopped (training.on_nonfinite stop), nothing "
                              f"from this step was saved; {_newest(t.run_dir)}", 1) from None

@@ -319,6 +319,13 @@ def test_sampler_epochs_and_resume(tmp_path):
     assert [b.next_indices() for _ in range(7)] == [a.next_indices() for _ in range(7)]
     batch = b.next_batch()
     assert [ex.prompt for ex in batch] == [ps.prompts[ex.index] for ex in batch]
+    # peek_batch (the next step's prompts, generated ahead) is next_batch's, and moves nothing,
+    # across an epoch's end too (10 prompts, 3 a batch: position 9 wraps).
+    for _ in range(5):
+        state = b.state_dict()
+        peeked = [ex.index for ex in b.peek_batch()]
+        assert b.state_dict() == state
+        assert [ex.index for ex in b.next_batch()] == peeked
 
     with pytest.raises(DataError, match="cannot resume"):
         PromptSampler(ps, 3, seed=10).load_state_dict(state)

@@ -52,6 +52,14 @@ class RolloutConfig:
     momentum_push_interval: int = 1
     """Push momentum weights to the engine every this many steps (it moves slowly)."""
 
+    overlap: Literal["none", "momentum", "full"] = "none"
+    """Generation beside training (`step.EngineSource`): `none`, each step generates then
+    trains; `momentum`, the next step's momentum completions are generated while this step
+    trains, from the momentum weights pushed after the previous step (one step stale);
+    `full`, the whole next batch is, the policy's completions from the policy pushed after
+    the previous step too (one step off-policy: needs algorithm.tis_cap). Needs servers in
+    their own processes (rollout.backend sglang, `mgrpo serve` included)."""
+
     def validate(self) -> None:
         """Check this section; ConfigError naming the field. (How many rollouts a mode needs
         is the algorithm section's check.)"""
@@ -66,6 +74,7 @@ class RolloutConfig:
             fail("rollout.top_p", self.top_p, "a number in (0, 1]")
         positive("rollout.max_new_tokens", self.max_new_tokens)
         positive("rollout.momentum_push_interval", self.momentum_push_interval)
+        one_of("rollout.overlap", self.overlap, ("none", "momentum", "full"))
         positive("rollout.weight_bucket_mb", self.weight_bucket_mb)
         one_of("rollout.weight_format", self.weight_format, ("native", "bf16", "fp8"))
         if self.fp8_block_size < 0:

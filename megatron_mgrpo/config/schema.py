@@ -100,7 +100,28 @@ class Config:
         self.diagnostics.validate()
         self._check_lengths(model)
         self._check_minibatches()
+        self._check_overlap()
         return self
+
+    def _check_overlap(self) -> None:
+        """What generating ahead needs: an engine that runs beside the trainer, completions to
+        generate ahead, and the importance correction for one-step-stale policy samples."""
+        r, a = self.rollout, self.algorithm
+        if r.overlap == "none":
+            return
+        if r.backend != "sglang":
+            fail("rollout.overlap", r.overlap, "none with rollout.backend embedded (the engine "
+                 "must run in its own processes beside the trainer: rollout.backend sglang, "
+                 "with `mgrpo serve` as the launch command for the embedded engine)")
+        if r.overlap == "momentum" and a.mode != "mgrpo":
+            fail("rollout.overlap", r.overlap, f"none or full in mode {a.mode} (no momentum "
+                 "completions to generate ahead)")
+        if r.momentum_push_interval != 1 and a.mode == "mgrpo":
+            fail("rollout.momentum_push_interval", r.momentum_push_interval,
+                 f"1 with rollout.overlap {r.overlap} (staleness is bounded to one step)")
+        if r.overlap == "full" and a.tis_cap is None:
+            fail("algorithm.tis_cap", None, "a number >= 1 with rollout.overlap full (the "
+                 "policy's completions are one step stale: they need the importance weight)")
 
     def _check_lengths(self, model: ModelConfig) -> None:
         """A prompt and its completion fit in the model's context (positions beyond

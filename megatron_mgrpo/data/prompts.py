@@ -297,6 +297,14 @@ class PromptSampler:
         """The next `batch_size` prompts."""
         return [self.prompt_set[i] for i in self.next_indices()]
 
+    def peek_batch(self) -> List[PromptExample]:
+        """The batch `next_batch` will return next, without moving on."""
+        epoch, position = self.epoch, self.position
+        try:
+            return self.next_batch()
+        finally:
+            self.epoch, self.position = epoch, position
+
     def __iter__(self) -> Iterator[List[PromptExample]]:
         while True:
             yield self.next_batch()
