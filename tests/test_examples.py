@@ -29,7 +29,8 @@ TRAINING = ["examples/qwen3_4b_base.yaml", "examples/llama3_8b.yaml",
             "examples/smollm2/config.yaml", "examples/smollm2/srt.yaml"]
 SMOKE = ["examples/tiny/smoke.yaml"]
 EVAL = ["examples/eval/benchmarks.yaml"]
-SWEEPS = ["examples/sweep_tiny.yaml"]  # a grid over tiny/config.yaml: tests/test_sweep.py
+SWEEPS = ["examples/sweep_tiny.yaml",  # grids over tiny/config.yaml, each cell's config below
+          "examples/experiments/collapse.yaml"]
 
 
 def test_every_example_is_covered_here():
@@ -142,6 +143,37 @@ def smoke_worker(cfg_path, run_dir):
     cfg = load_config(os.path.join(ROOT, cfg_path),
                       ["--training.steps", "2", "--training.run_dir", run_dir], world_size=1)
     return run_smoke(cfg, log=lambda *_: None)
+
+
+@pytest.mark.parametrize("sweep_path", SWEEPS)
+def test_every_sweep_cell_is_a_valid_config(sweep_path, model_dir, tmp_path):  # noqa: F811
+    """Each cell's config (the sweep's config file, the cell's overrides) passes the config
+    check on a model dir standing in for the base it names; the experiment's arms are the
+    modes and vote sizes its docs say."""
+    import sys
+
+    sys.path.insert(0, os.path.join(ROOT, "tools"))
+    try:
+        from sweep import load_sweep, make_cells, override_args
+    finally:
+        sys.path.remove(os.path.join(ROOT, "tools"))
+    from megatron_mgrpo.config import load_config
+
+    sweep = load_sweep(os.path.join(ROOT, sweep_path))
+    modes = {}
+    for cell in make_cells(sweep):
+        cfg = load_config(os.path.join(ROOT, sweep["config"]),
+                          [*override_args(cell), "--model.load", model_dir,
+                           "--training.run_dir", str(tmp_path / cell["name"])])
+        cfg.validate(world_size=1)
+        modes[cell["values"].get("arm")] = (cfg.algorithm.mode, cfg.rollout.num_policy_rollouts,
+                                            cfg.rollout.num_momentum_rollouts,
+                                            cfg.algorithm.iqr_filter)
+    if sweep_path.endswith("collapse.yaml"):
+        assert modes == {"srt_g4": ("srt", 4, 0, False), "srt_g8": ("srt", 8, 0, False),
+                         "srt_g16": ("srt", 16, 0, False), "mgrpo_m0.99": ("mgrpo", 6, 2, False),
+                         "mgrpo_m0.9": ("mgrpo", 6, 2, False), "mgrpo_iqr": ("mgrpo", 6, 2, True),
+                         "rlvr": ("rlvr", 8, 0, False)}
 
 
 @pytest.mark.parametrize("cfg_path", SMOKE)
