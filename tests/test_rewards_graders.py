@@ -263,3 +263,18 @@ def test_get_grader_unknown_lists_names():
     with pytest.raises(ValueError,
                        match=re.escape("accepted: math | final_number | multiple_choice")):
         get_grader("code")
+
+
+def test_the_configs_grader_names_are_the_graders():
+    """config/ cannot import rewards/: its list of names and the field's Literal must equal
+    rewards.GRADERS, and each name builds a grader."""
+    import typing
+
+    from megatron_mgrpo.config import training
+    from megatron_mgrpo.rewards import GRADERS, get_grader
+
+    assert training.GRADER_NAMES == GRADERS
+    hints = typing.get_type_hints(training.AlgorithmConfig)
+    assert typing.get_args(hints["grader"]) == GRADERS
+    for name in GRADERS:
+        assert callable(get_grader(name, choices="ABCD").extract)

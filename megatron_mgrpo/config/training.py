@@ -17,6 +17,11 @@ from megatron_mgrpo.config.rollout import RolloutConfig
 __all__ = ["AlgorithmConfig", "OptimizerConfig", "DataConfig", "TrainingConfig"]
 
 
+GRADER_NAMES = ("math", "final_number", "multiple_choice")
+"""`rewards.GRADERS`, named here because config/ imports nothing above it (a test keeps the two,
+and the field's Literal, equal)."""
+
+
 @dataclass
 class AlgorithmConfig:
     """The M-GRPO method and its baselines. `mode` selects which parts run."""
@@ -114,7 +119,7 @@ class AlgorithmConfig:
 
         a, r = self, rollout
         one_of("algorithm.mode", a.mode, MODES)
-        one_of("algorithm.grader", a.grader, ("math", "final_number", "multiple_choice"))
+        one_of("algorithm.grader", a.grader, GRADER_NAMES)
         # The friendlier messages first; plan_for_mode below is where the rules live.
         m, n = r.num_policy_rollouts, r.num_momentum_rollouts
         if a.mode in ("mgrpo", "srt", "ttrl") and m + n < 2:
