@@ -1,11 +1,13 @@
 """One training step, ours against TRL's GRPOTrainer on the same work, in one run.
 
-    /work/venv-trl/bin/python benchmarks/step_vs_trl.py [--steps 12] [--warmup 2] [--repeats 2]
+    python benchmarks/step_vs_trl.py [--steps 12] [--warmup 2] [--repeats 2]
         [--sides trl,srt,mgrpo] [--workdir DIR] [--keep]
 
-Needs a Python with both trl and this package's dependencies (`pip install -e .[bench]`; trl
-beside megatron-core): it exits with one line when trl is missing. The package imported is
-this checkout's (its root goes first on PYTHONPATH).
+About 10 minutes with the defaults on 2 cores (an estimate from a 5-step run on a busy
+machine; most of it is the six processes' start-up). `python` is one with trl beside this
+package's dependencies (`pip install -e '.[bench]'`); without trl it exits with one line
+(`--sides srt,mgrpo` runs ours alone). The package imported is this checkout's (its root goes
+first on PYTHONPATH).
 
 The work, the same on both sides:
   model      a random Qwen2 (seed 0): hidden 128, 2 layers, 4 query / 2 KV heads of 32,
