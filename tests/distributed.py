@@ -63,3 +63,10 @@ def run_workers(fn, world_size: int, *args, timeout_s: float = DEADLOCK_GUARD_S)
             raise AssertionError(f"workers failed (hung ranks: {hung})\n" + "\n".join(errors))
         return [torch.load(os.path.join(out_dir, f"{r}.pt"), weights_only=False)
                 for r in range(world_size)]
+
+
+def in_turn(fn, calls):
+    """fn(*args) for each args of `calls`, one after another in the same process(es):
+    run_workers(in_turn, n, fn, calls) pays n process start-ups for several runs (each run
+    initialises the layout it needs; the results come back as one list per rank)."""
+    return [fn(*args) for args in calls]

@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 
-from tests.distributed import run_workers
+from tests.distributed import in_turn, run_workers
 from tests.test_parallel_equivalence import make_batch, pg_loss
 
 
@@ -65,11 +65,22 @@ def test_resume_same_layout_is_exact(saved):
         assert torch.equal(got["ema"][k], ref["ema"][k]), k
 
 
-@pytest.mark.parametrize("tp,pp,vpp", [(2, 1, 1), (1, 2, 1), (1, 1, 1), (1, 2, 2)],
-                         ids=["tp2", "pp2", "dp2", "pp2_vpp2"])
-def test_resume_at_another_layout(saved, tp, pp, vpp):
+LAYOUTS = {"tp2": (2, 1, 1), "pp2": (1, 2, 1), "dp2": (1, 1, 1), "pp2_vpp2": (1, 2, 2)}
+
+
+@pytest.fixture(scope="module")
+def loaded_at_two_processes(saved):
+    """The checkpoint loaded at each layout, one after another in the same two processes."""
+    run_dir, _ = saved
+    ranks = run_workers(in_turn, 2, ckpt_worker, [(run_dir, "load", *layout)
+                                                  for layout in LAYOUTS.values()])
+    return {name: [runs[i] for runs in ranks] for i, name in enumerate(LAYOUTS)}
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_resume_at_another_layout(saved, loaded_at_two_processes, layout):
     run_dir, ref = saved
-    for got in run_workers(ckpt_worker, 2, run_dir, "load", tp, pp, vpp):
+    for got in loaded_at_two_processes[layout]:
         assert got["loss"] == pytest.approx(ref["loss"], rel=1e-5)
         assert got["grad_norm"] == pytest.approx(ref["grad_norm"], rel=1e-4)
         for k in ref["weights"]:

@@ -16,7 +16,7 @@ import subprocess
 import pytest
 import torch
 
-from tests.distributed import run_workers
+from tests.distributed import in_turn, run_workers
 from tests.tool_files import read_all, tool
 from tests.test_hf_reference import ARCHS, hf_model
 
@@ -116,11 +116,21 @@ def logits_worker(converted_items, tp, pp):
     return out
 
 
-@pytest.mark.parametrize("tp,pp", [(1, 1), (2, 1), (1, 2)], ids=["tp1", "tp2", "pp2"])
-def test_converted_checkpoint_gives_transformers_logits(converted, tp, pp):
+@pytest.fixture(scope="module")
+def logits_at_layouts(converted):
+    """The logits at TP=1 (one process), then at TP=2 and PP=2 one after the other in the
+    same two processes: (tp, pp) -> the ranks' results."""
     items = [(a, {k: v for k, v in c.items() if k in ("hf", "mcore", "ids")})
              for a, c in sorted(converted.items())]
-    results = run_workers(logits_worker, tp * pp, items, tp, pp)
+    out = {(1, 1): run_workers(logits_worker, 1, items, 1, 1)}
+    ranks = run_workers(in_turn, 2, logits_worker, [(items, 2, 1), (items, 1, 2)])
+    out[2, 1], out[1, 2] = ([runs[i] for runs in ranks] for i in range(2))
+    return out
+
+
+@pytest.mark.parametrize("tp,pp", [(1, 1), (2, 1), (1, 2)], ids=["tp1", "tp2", "pp2"])
+def test_converted_checkpoint_gives_transformers_logits(logits_at_layouts, converted, tp, pp):
+    results = logits_at_layouts[tp, pp]
     last = results[-1]
     for arch, c in converted.items():
         for source in ("hf", "mcore"):

@@ -12,7 +12,7 @@ from megatron_mgrpo.config.schema import ModelConfig
 from megatron_mgrpo.models.architecture import hf_config_dict, model_config_from_hf
 from megatron_mgrpo.weights.hf_map import (fuse_qkv, hf_to_megatron, megatron_to_hf,
                                            split_qkv)
-from tests.distributed import run_workers
+from tests.distributed import in_turn, run_workers
 
 ARCHS = {
     "llama": dict(architecture="llama", vocab_size=90, hidden_size=48, intermediate_size=80,
@@ -65,15 +65,34 @@ def megatron_worker(kw, tp, full_sd, ids):
     return policy.logprobs({"input_ids": ids, "loss_mask": torch.ones_like(ids)})
 
 
+@pytest.fixture(scope="module")
+def megatron_logprobs():
+    """Every architecture's megatron log-probs and entropies at TP=1 (one process) and TP=2
+    (two), the architectures one after another in the same process(es): (arch, tp) -> the
+    ranks' results."""
+    calls = {}
+    for arch, kw in sorted(ARCHS.items()):
+        model = hf_model(kw)
+        ids = torch.randint(0, kw["vocab_size"], (3, 20),
+                            generator=torch.Generator().manual_seed(1))
+        calls[arch] = (kw, dict(hf_to_megatron(model.state_dict(), ModelConfig(**kw))), ids)
+    out = {}
+    for tp in (1, 2):
+        ranks = run_workers(in_turn, tp, megatron_worker,
+                            [(kw, tp, full, ids) for kw, full, ids in calls.values()])
+        for i, arch in enumerate(calls):
+            out[arch, tp] = [runs[i] for runs in ranks]
+    return out
+
+
 @pytest.mark.parametrize("arch", sorted(ARCHS))
-def test_logprobs_and_entropy_match_transformers(arch):
+def test_logprobs_and_entropy_match_transformers(megatron_logprobs, arch):
     kw = ARCHS[arch]
     model = hf_model(kw)
     ids = torch.randint(0, kw["vocab_size"], (3, 20), generator=torch.Generator().manual_seed(1))
     want_lp, want_ent = dense_reference(model, ids)
-    full = dict(hf_to_megatron(model.state_dict(), ModelConfig(**kw)))
     for tp in (1, 2):
-        for lp, ent in run_workers(megatron_worker, tp, kw, tp, full, ids):
+        for lp, ent in megatron_logprobs[arch, tp]:
             torch.testing.assert_close(lp, want_lp, atol=2e-5, rtol=1e-5)
             torch.testing.assert_close(ent, want_ent, atol=2e-5, rtol=1e-5)
 

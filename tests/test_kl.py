@@ -81,23 +81,42 @@ def base(tmp_path_factory):
     return out
 
 
+def smoke_in_turn(base, extras):
+    """Several smoke runs one after another in the same process(es), a Session each."""
+    return [smoke_worker(base, extra) for extra in extras]
+
+
 @pytest.fixture(scope="module")
 def tp1(base):
-    return {ref: run_workers(smoke_worker, 1, base, ["--algorithm.kl_reference", ref])[0]
-            for ref in ("base", "momentum")}
+    refs = ("base", "momentum")
+    (runs,) = run_workers(smoke_in_turn, 1, base, [["--algorithm.kl_reference", ref]
+                                                   for ref in refs])
+    return dict(zip(refs, runs))
 
 
-@pytest.mark.parametrize("ref,layout", [
-    ("base", ["--parallel.tensor_parallel", "2"]),
-    ("base", ["--parallel.pipeline_parallel", "2"]),
-    ("momentum", ["--parallel.use_distributed_optimizer", "true"]),  # DP=2: the EMA sharded
-], ids=["base-tp2", "base-pp2", "momentum-dp2"])
-def test_kl_metric_at_two_processes_equals_tp1(tp1, base, ref, layout):
-    want = tp1[ref]
+TWO_PROCESSES = {
+    "base-tp2": ("base", ["--parallel.tensor_parallel", "2"]),
+    "base-pp2": ("base", ["--parallel.pipeline_parallel", "2"]),
+    # DP=2: the EMA sharded
+    "momentum-dp2": ("momentum", ["--parallel.use_distributed_optimizer", "true"]),
+}
+
+
+@pytest.fixture(scope="module")
+def two_processes(base):
+    """The three layouts' runs, one after another in the same two processes."""
+    ranks = run_workers(smoke_in_turn, 2, base, [["--algorithm.kl_reference", ref, *layout]
+                                                 for ref, layout in TWO_PROCESSES.values()])
+    return {name: [runs[i] for runs in ranks] for i, name in enumerate(TWO_PROCESSES)}
+
+
+@pytest.mark.parametrize("layout", list(TWO_PROCESSES))
+def test_kl_metric_at_two_processes_equals_tp1(tp1, two_processes, layout):
+    want = tp1[TWO_PROCESSES[layout][0]]
     # Step 1 scores the batch with the weights the reference starts from: KL 0; then it grows.
     assert want[0]["kl"] == pytest.approx(0.0, abs=1e-9)
     assert 0 < want[1]["kl"] < want[2]["kl"]
-    for run in run_workers(smoke_worker, 2, base, ["--algorithm.kl_reference", ref, *layout]):
+    for run in two_processes[layout]:
         for got, w in zip(run, want):
             assert got["kl"] == pytest.approx(w["kl"], rel=2e-3, abs=1e-9), got["step"]
             assert got["loss"] == pytest.approx(w["loss"], rel=2e-4, abs=2e-5), got["step"]

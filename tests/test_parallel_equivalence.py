@@ -9,7 +9,7 @@ entropies, loss, gradients and the weights after optimizer steps must agree (fp3
 import pytest
 import torch
 
-from tests.distributed import run_workers
+from tests.distributed import in_turn, run_workers
 
 MODELS = {
     # GQA + QK-norm, a vocabulary that TP=2 must pad (101 -> 102), untied output layer.
@@ -94,17 +94,40 @@ def policy_worker(model_kw, tp, pp, dist_opt, full_sd, batch, steps, recompute="
 
 @pytest.fixture(scope="module")
 def references():
-    """TP=1 PP=1 DP=1 runs, one per model (built lazily, shared by the tests)."""
-    cache = {}
+    """TP=1 PP=1 DP=1 runs, one per model, one after another in one process (shared by the
+    tests): name -> (run, batch)."""
+    names = ["qwen3", "llama", "qwen2", "qwen3_4l", "qwen2_4l"]
+    batches = [make_batch(MODELS[name]["vocab_size"]) for name in names]
+    (refs,) = run_workers(in_turn, 1, policy_worker,
+                          [(MODELS[name], 1, 1, False, None, batch, 2)
+                           for name, batch in zip(names, batches)])
+    return {name: (ref, batch) for name, ref, batch in zip(names, refs, batches)}
 
-    def get(name):
-        if name not in cache:
-            batch = make_batch(MODELS[name]["vocab_size"])
-            (ref,) = run_workers(policy_worker, 1, MODELS[name], 1, 1, False, None, batch, 2)
-            cache[name] = (ref, batch)
-        return cache[name]
 
-    return get
+# The two-process runs: model, TP, PP, distributed optimizer, recompute, virtual pipeline.
+TWO_PROCESSES = {
+    "tp2-qwen3": ("qwen3", 2, 1, False, "none", 1),
+    "tp2-llama": ("llama", 2, 1, False, "none", 1),
+    "pp2-qwen3": ("qwen3", 1, 2, False, "none", 1),
+    "pp2-qwen2": ("qwen2", 1, 2, False, "none", 1),
+    "dp2-qwen3": ("qwen3", 1, 1, True, "none", 1),
+    "recompute-selective": ("qwen3", 2, 1, False, "selective", 1),
+    "recompute-full": ("qwen3", 2, 1, False, "full", 1),
+    "vpp2-qwen3_4l": ("qwen3_4l", 1, 2, False, "none", 2),
+    "vpp2-qwen2_4l": ("qwen2_4l", 1, 2, False, "none", 2),
+}
+
+
+@pytest.fixture(scope="module")
+def two_processes(references):
+    """Every two-process run, one after another in the same two processes (each from its
+    reference's initial weights): key -> the two ranks' results."""
+    calls = []
+    for name, tp, pp, dist_opt, recompute, vpp in TWO_PROCESSES.values():
+        ref, batch = references[name]
+        calls.append((MODELS[name], tp, pp, dist_opt, ref["init"], batch, 2, recompute, vpp))
+    ranks = run_workers(in_turn, 2, policy_worker, calls)
+    return {key: [runs[i] for runs in ranks] for i, key in enumerate(TWO_PROCESSES)}
 
 
 def assert_close_dicts(got, want, atol, rtol, what):
@@ -129,17 +152,15 @@ def check_against(ref, runs, check_grads=True):
 
 
 @pytest.mark.parametrize("name", ["qwen3", "llama"])
-def test_tensor_parallel_matches_tp1(references, name):
-    ref, batch = references(name)
-    runs = run_workers(policy_worker, 2, MODELS[name], 2, 1, False, ref["init"], batch, 2)
-    check_against(ref, runs)
+def test_tensor_parallel_matches_tp1(references, two_processes, name):
+    ref, batch = references[name]
+    check_against(ref, two_processes[f"tp2-{name}"])
 
 
 @pytest.mark.parametrize("name", ["qwen3", "qwen2"])
-def test_pipeline_parallel_matches_pp1(references, name):
-    ref, batch = references(name)
-    runs = run_workers(policy_worker, 2, MODELS[name], 1, 2, False, ref["init"], batch, 2)
-    check_against(ref, runs)
+def test_pipeline_parallel_matches_pp1(references, two_processes, name):
+    ref, batch = references[name]
+    check_against(ref, two_processes[f"pp2-{name}"])
 
 
 def check_dp2_against(ref, runs, n):
@@ -154,9 +175,9 @@ def check_dp2_against(ref, runs, n):
         assert_close_dicts(run["final"], ref["final"], atol=WEIGHT_ATOL, rtol=0, what="weight")
 
 
-def test_distributed_optimizer_dp2_matches_dp1(references):
-    ref, batch = references("qwen3")
-    runs = run_workers(policy_worker, 2, MODELS["qwen3"], 1, 1, True, ref["init"], batch, 2)
+def test_distributed_optimizer_dp2_matches_dp1(references, two_processes):
+    ref, batch = references["qwen3"]
+    runs = two_processes["dp2-qwen3"]
     check_dp2_against(ref, runs, batch["input_ids"].shape[0])
     # The step really moved the weights (a no-op optimizer would pass the equalities above).
     moved = max((ref["final"][k] - ref["init"][k]).abs().max().item() for k in ref["init"])
@@ -164,22 +185,20 @@ def test_distributed_optimizer_dp2_matches_dp1(references):
 
 
 @pytest.mark.parametrize("recompute", ["selective", "full"])
-def test_activation_recompute_changes_nothing_but_memory(references, recompute):
+def test_activation_recompute_changes_nothing_but_memory(references, two_processes,
+                                                       recompute):
     """parallel.recompute reaches megatron-core (TP=2 here): the same log-probs, gradients and
     steps as the TP=1 run that keeps every activation."""
-    ref, batch = references("qwen3")
-    runs = run_workers(policy_worker, 2, MODELS["qwen3"], 2, 1, False, ref["init"], batch, 2,
-                       recompute)
-    check_against(ref, runs)
+    ref, batch = references["qwen3"]
+    check_against(ref, two_processes[f"recompute-{recompute}"])
 
 
 @pytest.mark.parametrize("name", ["qwen3_4l", "qwen2_4l"])
-def test_virtual_pipeline_matches_pp1(references, name):
+def test_virtual_pipeline_matches_pp1(references, two_processes, name):
     """PP=2 with two model chunks per stage (the interleaved 1F1B schedule; 3 microbatches
     padded to 4) against the unsplit model; qwen2 ties the embedding across the pipeline."""
-    ref, batch = references(name)
-    runs = run_workers(policy_worker, 2, MODELS[name], 1, 2, False, ref["init"], batch, 2,
-                       "none", 2)
+    ref, batch = references[name]
+    runs = two_processes[f"vpp2-{name}"]
     check_against(ref, runs)
     # Stage 0 holds layers 0 and 2, stage 1 layers 1 and 3 (chunks dealt round robin).
     layers = [[sorted({n.split(".")[2] for n in chunk if n.startswith("decoder.layers.")})

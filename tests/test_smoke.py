@@ -4,7 +4,7 @@ numbers step for step."""
 
 import pytest
 
-from tests.distributed import run_workers
+from tests.distributed import in_turn, run_workers
 
 KEYS = ("loss", "grad_norm", "reward_mean", "vote_agreement", "entropy_mean",
         "iqr_dropped_frac", "logp_agree", "logp_disagree", "clip_frac", "momentum_gap")
@@ -31,9 +31,19 @@ def bf16_worker():
     return dtypes, smoke_worker(["--model.params_dtype", "bf16"])
 
 
+def reference_then_bf16():
+    """The fp32 reference, then the bf16 run, in one process."""
+    return smoke_worker([]), bf16_worker()
+
+
 @pytest.fixture(scope="module")
-def reference():
-    return run_workers(smoke_worker, 1, [])[0]
+def one_process():
+    return run_workers(reference_then_bf16, 1)[0]
+
+
+@pytest.fixture(scope="module")
+def reference(one_process):
+    return one_process[0]
 
 
 def test_fixed_batch_updates_follow_the_vote(reference):
@@ -53,18 +63,26 @@ def test_fixed_batch_updates_follow_the_vote(reference):
     assert 0 < first["momentum_gap"] < last["momentum_gap"]
 
 
-@pytest.mark.parametrize("overrides", [
-    ["--parallel.tensor_parallel", "2"],
-    ["--parallel.use_distributed_optimizer", "true"],  # world 2 at TP=1: DP=2
-], ids=["tp2", "dp2"])
-def test_parallel_layouts_reproduce_tp1(reference, overrides):
-    for run in run_workers(smoke_worker, 2, overrides):
+LAYOUTS = {"tp2": ["--parallel.tensor_parallel", "2"],
+           "dp2": ["--parallel.use_distributed_optimizer", "true"]}  # world 2 at TP=1: DP=2
+
+
+@pytest.fixture(scope="module")
+def two_processes():
+    """Both layouts' runs, one after the other in the same two processes."""
+    ranks = run_workers(in_turn, 2, smoke_worker, [(o,) for o in LAYOUTS.values()])
+    return {name: [runs[i] for runs in ranks] for i, name in enumerate(LAYOUTS)}
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_parallel_layouts_reproduce_tp1(reference, two_processes, layout):
+    for run in two_processes[layout]:
         for got, want in zip(run, reference):
             for k in KEYS:
                 assert got[k] == pytest.approx(want[k], rel=2e-4, abs=2e-5), (got["step"], k)
 
-def test_bf16_policy_is_all_bf16_and_tracks_fp32(reference):
-    (dtypes, run), = run_workers(bf16_worker, 1)
+def test_bf16_policy_is_all_bf16_and_tracks_fp32(one_process):
+    reference, (dtypes, run) = one_process
     assert dtypes == {"torch.bfloat16"}  # norms included (Float16Module), as megatron trains
     assert run[-1]["logp_agree"] > run[0]["logp_agree"] + 0.05
     for got, want in zip(run, reference):

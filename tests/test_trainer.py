@@ -32,16 +32,38 @@ def train_worker(args):
     return history, versions
 
 
+def train_in_turn(*runs):
+    """Several runs one after another in one process (a Session each): one start-up for runs
+    that need no fresh process of their own. A run whose numbers are checked against another
+    process's (a resume) still gets its own process."""
+    return [train_worker(args) for args in runs]
+
+
 def strip_timing(history):
     return [{k: v for k, v in m.items() if k not in TIMING and not k.endswith("_time_s")}
             for m in history]
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(tiny_base, tmp_path_factory):
+def runs(tiny_base, tmp_path_factory):
+    """The uninterrupted 4-step run and, after it in the same process, the first halves that
+    two tests resume (each resume in a process of its own): a 2-step run ("killed" after step
+    2), and a run that a stop file stops after step 1."""
     run_dir = str(tmp_path_factory.mktemp("run_full"))
-    (result,) = run_workers(train_worker, 1, overrides(tiny_base, run_dir, 4))
-    return run_dir, result
+    part_dir = str(tmp_path_factory.mktemp("run_part"))
+    stop_dir = tmp_path_factory.mktemp("run_stopped")
+    stop = stop_dir / "STOP"
+    stop.write_text("")
+    full, _, stopped = run_workers(
+        train_in_turn, 1, overrides(tiny_base, run_dir, 4), overrides(tiny_base, part_dir, 2),
+        overrides(tiny_base, str(stop_dir / "run"), 4, "--training.stop_file", str(stop)))[0]
+    return {"full": (run_dir, full), "part": part_dir,
+            "stopped": (str(stop_dir / "run"), stop, stopped)}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(runs):
+    return runs["full"]
 
 
 def test_run_writes_metrics_plots_and_checkpoints(uninterrupted):
@@ -82,10 +104,9 @@ def test_run_writes_metrics_plots_and_checkpoints(uninterrupted):
     assert state["step"] == 4 and "training:" in state["config"]
 
 
-def test_resumed_run_equals_uninterrupted(tiny_base, uninterrupted, tmp_path):
-    _, (full, _) = uninterrupted
-    run_dir = str(tmp_path / "run")
-    run_workers(train_worker, 1, overrides(tiny_base, run_dir, 2))  # "killed" after step 2
+def test_resumed_run_equals_uninterrupted(tiny_base, runs):
+    _, (full, _) = runs["full"]
+    run_dir = runs["part"]  # "killed" after step 2
     (resumed, _), = run_workers(train_worker, 1,
                                 overrides(tiny_base, run_dir, 4, "--training.resume", "true"))
     assert [m["step"] for m in resumed] == [3, 4]
@@ -94,15 +115,11 @@ def test_resumed_run_equals_uninterrupted(tiny_base, uninterrupted, tmp_path):
         assert [json.loads(line)["step"] for line in f] == [0, 1, 2, 3, 4]
 
 
-def test_a_stop_file_saves_and_stops_and_the_requeued_run_goes_on(tiny_base, uninterrupted,
-                                                                 tmp_path):
+def test_a_stop_file_saves_and_stops_and_the_requeued_run_goes_on(tiny_base, runs):
     """What the slurm launchers do on the time-limit signal: the stop file makes the run save
     after its current step and return; the requeued run resumes as if never stopped."""
-    _, (full, _) = uninterrupted
-    run_dir, stop = str(tmp_path / "run"), tmp_path / "STOP"
-    stop.write_text("")
-    (stopped, _), = run_workers(train_worker, 1, overrides(
-        tiny_base, run_dir, 4, "--training.stop_file", str(stop)))
+    _, (full, _) = runs["full"]
+    run_dir, stop, (stopped, _) = runs["stopped"]  # the stop file was there from its start
     assert [m["step"] for m in stopped] == [0, 1]
     assert "step_0000001" in os.listdir(os.path.join(run_dir, "checkpoints"))
     stop.unlink()
@@ -112,12 +129,25 @@ def test_a_stop_file_saves_and_stops_and_the_requeued_run_goes_on(tiny_base, uni
     assert strip_timing(resumed) == strip_timing(full[2:])
 
 
-@pytest.mark.parametrize("layout", [["--parallel.tensor_parallel", "2"],
-                                    ["--parallel.pipeline_parallel", "2"]], ids=["tp2", "pp2"])
-def test_two_process_layouts_run_the_same_loop(tiny_base, uninterrupted, tmp_path, layout):
+LAYOUTS = {"tp2": ["--parallel.tensor_parallel", "2"],
+           "pp2": ["--parallel.pipeline_parallel", "2"]}
+
+
+def layouts_worker(base, root):
+    return {name: train_worker(overrides(base, os.path.join(root, name), 2, *layout))
+            for name, layout in LAYOUTS.items()}
+
+
+@pytest.fixture(scope="module")
+def two_process_runs(tiny_base, tmp_path_factory):
+    """Both layouts' runs, one after the other in the same two processes."""
+    return run_workers(layouts_worker, 2, tiny_base, str(tmp_path_factory.mktemp("layouts")))
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_two_process_layouts_run_the_same_loop(uninterrupted, two_process_runs, layout):
     _, (full, _) = uninterrupted
-    results = run_workers(train_worker, 2, overrides(tiny_base, str(tmp_path), 2, *layout))
-    for history, _ in results:
+    for history, _ in (rank[layout] for rank in two_process_runs):
         first = history[1]
         # Step 1 samples from the same base weights: identical rollouts, votes and rewards.
         for k in ("reward_mean", "vote_agreement", "pseudo_label_acc", "iqr_dropped_frac"):
@@ -154,17 +184,18 @@ def test_the_sglang_backend_runs_the_same_loop(tiny_base, uninterrupted, tmp_pat
 def test_fp8_rollout_weights_through_both_backends(tiny_base, uninterrupted, tmp_path):
     """rollout.weight_format fp8: the embedded engine and a launched `mgrpo serve` (started
     from the FP8 copy of the base that the trainer writes) sample from the same FP8 weights,
-    so the same completions; the engine's log-probs now differ from the trainer's."""
+    so the same completions; the engine's log-probs now differ from the trainer's. Both runs
+    in one process, one after the other; no benchmark passes (none of theirs is compared)."""
     import sys
 
     _, (full, _) = uninterrupted
-    fp8 = ["--rollout.weight_format", "fp8", "--rollout.fp8_block_size", "32"]
-    (embedded, _), = run_workers(train_worker, 1, overrides(
-        tiny_base, str(tmp_path / "embedded"), 2, *fp8))
+    fp8 = ["--rollout.weight_format", "fp8", "--rollout.fp8_block_size", "32",
+           "--eval.interval", "0"]
     serve = f"{sys.executable} -m megatron_mgrpo.cli serve --model {{model}} --port {{port}}"
-    (served, versions), = run_workers(train_worker, 1, overrides(
-        tiny_base, str(tmp_path / "served"), 2, *fp8, "--rollout.backend", "sglang",
-        "--sglang.launch", "1", "--sglang.launch_command", serve))
+    ((embedded, _), (served, versions)), = run_workers(
+        train_in_turn, 1, overrides(tiny_base, str(tmp_path / "embedded"), 2, *fp8),
+        overrides(tiny_base, str(tmp_path / "served"), 2, *fp8, "--rollout.backend", "sglang",
+                  "--sglang.launch", "1", "--sglang.launch_command", serve))
     assert versions == (2, 2)
     with open(tmp_path / "served" / "rollout_base_fp8_b32" / "config.json") as f:
         assert json.load(f)["quantization_config"]["weight_block_size"] == [32, 32]

@@ -9,7 +9,7 @@ import pytest
 
 from tests import DEADLOCK_GUARD_S
 from tests.distributed import run_workers
-from tests.test_trainer import strip_timing, train_worker
+from tests.test_trainer import strip_timing, train_in_turn, train_worker
 from tests.tiny import ROOT, overrides, prepare_base
 
 
@@ -91,8 +91,9 @@ def test_a_run_with_kl_killed_and_resumed_equals_the_uninterrupted_run(tiny_base
         kl += ["--model.load", "null", "--model.hf_config", tiny_base,
                "--data.tokenizer", tiny_base]
     full_dir, part_dir = str(tmp_path / "full"), str(tmp_path / "part")
-    (full, _), = run_workers(train_worker, 1, overrides(tiny_base, full_dir, 4, *kl))
-    run_workers(train_worker, 1, overrides(tiny_base, part_dir, 2, *kl))
+    # The uninterrupted run and the one to resume share a process; the resume has its own.
+    ((full, _), _), = run_workers(train_in_turn, 1, overrides(tiny_base, full_dir, 4, *kl),
+                                  overrides(tiny_base, part_dir, 2, *kl))
     other_init = ["--model.seed", "99"] if case == "random_init" else []
     (resumed, _), = run_workers(train_worker, 1, overrides(
         tiny_base, part_dir, 4, "--training.resume", "true", *kl, *other_init))

@@ -12,7 +12,7 @@ import torch
 
 from megatron_mgrpo.config.schema import ModelConfig
 from megatron_mgrpo.weights.push import PushStats, bucketize
-from tests.distributed import run_workers
+from tests.distributed import in_turn, run_workers
 from tests.test_fp8_rollout import expected_weights
 from tests.test_hf_reference import ARCHS, hf_model
 
@@ -110,16 +110,32 @@ def push_worker(arch, tp, pp, ids, vpp=1):
     return out
 
 
-@pytest.mark.parametrize("arch,tp,pp,vpp,world", [
+CASES = [
     ("llama", 1, 1, 1, 2),   # TP=1 with DP=2 (distributed optimizer): only DP rank 0 sends
     ("qwen3", 2, 1, 1, 2),   # TP=2, vocabulary padded for TP, QK-norm
     ("qwen2", 1, 2, 1, 2),   # PP=2, tied embeddings (the last stage's output layer is not sent)
     ("qwen3", 1, 2, 2, 2),   # PP=2 x 2 model chunks: 4 layers, each stage sends 2 apart
-])
-def test_push_reaches_the_engine(arch, tp, pp, vpp, world):
-    ids = torch.randint(0, ARCHS[arch]["vocab_size"], (4, 12),
-                        generator=torch.Generator().manual_seed(0))
-    results = run_workers(push_worker, world, arch, tp, pp, ids, vpp)
+]
+
+
+def push_ids(arch):
+    return torch.randint(0, ARCHS[arch]["vocab_size"], (4, 12),
+                         generator=torch.Generator().manual_seed(0))
+
+
+@pytest.fixture(scope="module")
+def pushed():
+    """Every case's run, one after another in the same two processes (all have world 2)."""
+    assert {world for *_, world in CASES} == {2}
+    ranks = run_workers(in_turn, 2, push_worker, [(arch, tp, pp, push_ids(arch), vpp)
+                                                  for arch, tp, pp, vpp, _ in CASES])
+    return [[runs[i] for runs in ranks] for i in range(len(CASES))]
+
+
+@pytest.mark.parametrize("arch,tp,pp,vpp,world", CASES)
+def test_push_reaches_the_engine(pushed, arch, tp, pp, vpp, world):
+    ids = push_ids(arch)
+    results = pushed[CASES.index((arch, tp, pp, vpp, world))]
     r = results[0]
 
     # the pushed weights are the optimizer's, not the init
