@@ -60,12 +60,13 @@ class StepResult:
     """Learning rate used for this step."""
 
 
-def _split_micro(batch: Batch, micro_batch_size: int) -> List[Batch]:
-    """Split into equal microbatches; pad the last with all-masked rows (PP P2P needs fixed
-    shapes, and masked rows contribute nothing)."""
+def _split_micro(batch: Batch, micro_batch_size: int, pad: bool = True) -> List[Batch]:
+    """Split into microbatches of micro_batch_size rows; with `pad`, fill the last with
+    all-masked rows (PP P2P needs fixed shapes, and masked rows contribute nothing), without,
+    leave it short (no pipeline: a padded row would cost a full forward and backward)."""
     n = next(iter(batch.values())).shape[0]
     num = max(1, -(-n // micro_batch_size))
-    padded_n = num * micro_batch_size
+    padded_n = num * micro_batch_size if pad else n
     out = {}
     for k, v in batch.items():
         if padded_n > n:
@@ -214,7 +215,7 @@ class MegatronPolicy:
              with_entropy: bool):
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
-        micros = _split_micro(batch, self.parallel.micro_batch_size)
+        micros = _split_micro(batch, self.parallel.micro_batch_size, pad=self.ctx.pp_size > 1)
         if self.ctx.vp_size > 1:
             # The interleaved schedule runs microbatches in groups of PP: pad with all-masked
             # microbatches to a multiple of it.
