@@ -1,7 +1,7 @@
 """One training step, ours against TRL's GRPOTrainer on the same work, in one run.
 
     python benchmarks/step_vs_trl.py [--steps 12] [--warmup 2] [--repeats 2]
-        [--sides trl,srt,mgrpo] [--workdir DIR] [--keep]
+        [--sides trl,srt,mgrpo,srt_full,mgrpo_full] [--workdir DIR] [--keep]
 
 About 10 minutes with the defaults on 2 cores (an estimate from a 5-step run on a busy
 machine; most of it is the six processes' start-up). `python` is one with trl beside this
@@ -25,7 +25,7 @@ The work, the same on both sides:
              majority-vote reward per group of 8 (the last number of each completion; 1 where
              it equals the group's most common one); one PPO epoch, one minibatch, clip 0.2,
              no KL (TRL beta 0, ours algorithm.kl_coef 0), Adam lr 1e-4 constant, grad clip 1.
-Sides, run interleaved (TRL, ours-srt, ours-mgrpo) `--repeats` times, each in its own process
+Sides, run interleaved (TRL, then ours in --sides order) `--repeats` times, each in its own process
 with one torch thread (OMP_NUM_THREADS=1, torch.set_num_threads(1)):
   trl    GRPOTrainer (transformers `generate`), per_device_train_batch_size 32,
          num_generations 8, gradient accumulation 1, num_iterations 1, fp32 (bf16 False),
@@ -35,6 +35,11 @@ with one torch thread (OMP_NUM_THREADS=1, torch.set_num_threads(1)):
   srt    `mgrpo train` with algorithm.mode srt, 8 policy rollouts, no momentum, IQR filter off.
   mgrpo  `mgrpo train` with algorithm.mode mgrpo, 8 policy + 2 momentum rollouts (the
          momentum ones only vote), IQR filter on (the method's default).
+  srt_full, mgrpo_full   the same with `rollout.overlap full`: the engine is a launched
+         `mgrpo serve` process (one thread, beside the trainer's one: two processes, where
+         TRL and the sequential sides have one), the next step's batch generated while this
+         one trains, `algorithm.tis_cap 2`. Their generate/rest split is the engine's seconds
+         for the step's completions, most of them hidden behind the previous step's training.
 Ours run the embedded engine (rollout.backend embedded) and micro batch 64 (one microbatch, as
 TRL's 32 rows in one forward); step_time_s, generate_*_time_s, logprob_time_s, train_time_s,
 push_time_s come from the run's metrics.jsonl.
@@ -47,9 +52,8 @@ timed step of every repeat (the first `--warmup` steps of each run are dropped):
   {side}_rest_time_s                 the step minus sampling, step by step
   {side}_generate_share              sampling over the step, step by step
   {side}_completion_len              mean completion tokens (the work actually generated)
-  step_time_ratio_srt_vs_trl         ours-srt / TRL (goal <= 0.7)
-  step_time_ratio_mgrpo_vs_trl       ours-mgrpo / TRL
-  rest_time_ratio_{srt,mgrpo}_vs_trl the same for the non-generation part
+  step_time_ratio_{side}_vs_trl      ours / TRL, each of our sides (goal <= 0.7)
+  rest_time_ratio_{side}_vs_trl      the same for the non-generation part
 """
 
 from __future__ import annotations
@@ -276,7 +280,11 @@ def run_trl(work: dict, workdir: str, steps: int, seed: int, tag: str) -> List[d
 # ------------------------------------------------------------------------------------------
 # Our side: `mgrpo train` in a process.
 
-def our_config(work: dict, mode: str, steps: int, seed: int, run_dir: str) -> str:
+OURS = ("srt", "mgrpo", "srt_full", "mgrpo_full")
+
+
+def our_config(work: dict, side: str, steps: int, seed: int, run_dir: str) -> str:
+    mode, _, overlap = side.partition("_")
     momentum = MOMENTUM_ROLLOUTS if mode == "mgrpo" else 0
     cfg = {
         "model": {"load": work["model_dir"], "params_dtype": "fp32"},
@@ -294,6 +302,11 @@ def our_config(work: dict, mode: str, steps: int, seed: int, run_dir: str) -> st
                      "save_interval": 0, "overwrite": True},
         "logging": {"log_interval": 1000, "progress_bar": False, "tensorboard": False},
     }
+    if overlap:  # the engine in its own process (`mgrpo serve`), the next batch made ahead
+        cfg["rollout"].update(backend="sglang", overlap=overlap)
+        cfg["algorithm"]["tis_cap"] = 2.0
+        cfg["sglang"] = {"launch": 1, "launch_command": "{python} -m megatron_mgrpo.cli serve "
+                                                        "--model {model} --port {port}"}
     path = run_dir + ".yaml"
     import yaml
 
@@ -302,10 +315,10 @@ def our_config(work: dict, mode: str, steps: int, seed: int, run_dir: str) -> st
     return path
 
 
-def run_ours(work: dict, workdir: str, mode: str, steps: int, seed: int, tag: str) -> List[dict]:
-    run_dir = os.path.join(workdir, f"{mode}_{tag}")
-    config = our_config(work, mode, steps, seed, run_dir)
-    _run([sys.executable, "-m", "megatron_mgrpo.cli", "train", config], mode)
+def run_ours(work: dict, workdir: str, side: str, steps: int, seed: int, tag: str) -> List[dict]:
+    run_dir = os.path.join(workdir, f"{side}_{tag}")
+    config = our_config(work, side, steps, seed, run_dir)
+    _run([sys.executable, "-m", "megatron_mgrpo.cli", "train", config], side)
     rows = []
     with open(os.path.join(run_dir, "metrics.jsonl")) as f:
         for line in f:
@@ -359,7 +372,8 @@ def main(argv=None) -> None:
     ap.add_argument("--steps", type=int, default=12, help="steps per run (warm-up included)")
     ap.add_argument("--warmup", type=int, default=2, help="steps of each run not timed")
     ap.add_argument("--repeats", type=int, default=2, help="rounds of TRL, srt, mgrpo")
-    ap.add_argument("--sides", default="trl,srt,mgrpo", help="any of trl,srt,mgrpo")
+    ap.add_argument("--sides", default="trl,srt,mgrpo,srt_full,mgrpo_full",
+                    help=f"any of trl,{','.join(OURS)}")
     ap.add_argument("--seed", type=int, default=1234)
     ap.add_argument("--workdir", help="where the model, prompts and runs go (default: a "
                     "temporary dir, removed at the end unless --keep)")
@@ -371,8 +385,8 @@ def main(argv=None) -> None:
     if args.worker == "trl":
         return trl_worker(args)
     sides = [s for s in args.sides.split(",") if s]
-    if not sides or not set(sides) <= {"trl", "srt", "mgrpo"}:
-        ap.error(f"--sides: got {args.sides!r}; accepted: any of trl,srt,mgrpo")
+    if not sides or not set(sides) <= {"trl", *OURS}:
+        ap.error(f"--sides: got {args.sides!r}; accepted: any of trl,{','.join(OURS)}")
     if args.steps <= args.warmup:
         ap.error(f"--steps {args.steps} must exceed --warmup {args.warmup}")
     if "trl" in sides and importlib.util.find_spec("trl") is None:
@@ -422,12 +436,12 @@ def main(argv=None) -> None:
                     emit(f"{side}_{k}", None, unit, skipped="no generation timing")
         if "trl" in results:
             base = results["trl"]
-            for side in ("srt", "mgrpo"):
+            for side in OURS:
                 if side not in results:
                     continue
                 res = results[side]
                 emit(f"step_time_ratio_{side}_vs_trl", res["step_time_s"] / base["step_time_s"],
-                     "x", **({"goal": "<= 0.7"} if side == "srt" else {}))
+                     "x", goal="<= 0.7")
                 if "rest_time_s" in res and "rest_time_s" in base:
                     emit(f"rest_time_ratio_{side}_vs_trl",
                          res["rest_time_s"] / base["rest_time_s"], "x")
