@@ -114,8 +114,8 @@ def rl_step(session, source: RolloutSource, prompts: Sequence, step: int,
     timer = PhaseTimer()
     with timer("rollout"):  # generation (by model, below), the broadcast, decoding, grading
         batch = source.sample([p.prompt_ids for p in prompts], step)
-    ahead = getattr(source, "ahead", None)
-    if ahead is not None and next_prompts is not None:
+    ahead = getattr(source, "ahead", None) if next_prompts is not None else None
+    if ahead is not None:
         ahead([p.prompt_ids for p in next_prompts], step + 1)
     with timer("score"):
         scored = score_groups(batch.answers, mode, session.grader.equivalent, a.min_agreement,

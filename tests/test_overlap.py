@@ -85,9 +85,10 @@ def test_step_one_is_the_same_rollout_and_later_policy_samples_are_stale_only_in
      "1 with rollout.overlap momentum"),
     (["--rollout.overlap", "later"], "rollout.overlap: got 'later'"),
 ])
-def test_config_refuses_what_cannot_overlap(args, message):
+def test_config_refuses_what_cannot_overlap(tiny_base, args, message):
     from megatron_mgrpo.config import ConfigError, load_config
 
-    with pytest.raises(ConfigError, match=None) as e:
-        load_config(os.path.join(ROOT, "examples/tiny/config.yaml"), args).validate()
+    with pytest.raises(ConfigError) as e:
+        load_config(os.path.join(ROOT, "examples/tiny/config.yaml"),
+                    ["--model.load", tiny_base, *args]).validate()
     assert message in str(e.value)
