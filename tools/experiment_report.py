@@ -243,6 +243,24 @@ def _save(fig, plt, raw_dir: str, name: str) -> str:
     return path
 
 
+def wall_clock_h(raw_dir: str) -> Optional[float]:
+    """Hours from the first cell's start to the last one's end (cell_times.jsonl's `end`)."""
+    import datetime
+
+    path = os.path.join(raw_dir, CELL_TIMES)
+    spans = []
+    if os.path.isfile(path):
+        with open(path) as f:
+            for line in f:
+                t = json.loads(line) if line.strip() else {}
+                if "end" in t:
+                    end = datetime.datetime.strptime(t["end"], "%Y-%m-%d %H:%M:%S").timestamp()
+                    spans.append((end - float(t["seconds"]), end))
+    if not spans:
+        return None
+    return (max(e for _, e in spans) - min(s for s, _ in spans)) / 3600
+
+
 def cell_costs(raw_dir: str) -> Dict[str, float]:
     """Seconds per cell (summed over its resumed pieces) from cell_times.jsonl."""
     path = os.path.join(raw_dir, CELL_TIMES)
@@ -329,6 +347,12 @@ def render(sweep_path: str, sweep: Dict[str, Any], report: Dict[str, Any], arms:
             secs = [costs[c] for c in arm.runs if c in costs]
             lines.append(f"| {arm.name} | {fmt(secs, 0)} |")
         lines += ["", f"All cells: {sum(costs.values()) / 3600:.2f} h of run time."]
+        wall = wall_clock_h(raw_dir)
+        if wall is not None:
+            jobs = sorted({json.loads(line).get("jobs", 1) for line in
+                           open(os.path.join(raw_dir, CELL_TIMES)) if line.strip()})
+            lines[-1] += (f" The grid took {wall:.2f} h of wall clock, "
+                          f"{'/'.join(map(str, jobs))} cells at a time.")
     return "\n".join(lines) + "\n"
 
 
