@@ -34,6 +34,7 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence
 
 import torch
 
+from megatron_mgrpo.platform import without_device_rewrites
 from megatron_mgrpo.rollout.base import (WEIGHT_SETS, Bucket, Completion, RolloutEngine,
                                          SamplingParams, WeightsNotReadyError, WeightUpdateError,
                                          check_weight_set)
@@ -284,9 +285,10 @@ class EmbeddedEngine(RolloutEngine):
         try:
             for start in range(0, len(rows), self.max_batch_size):
                 chunk = rows[start:start + self.max_batch_size]
-                done = self._sample(ws.model, [prompts[r] for r in chunk],
-                                    [seeds[r] for r in chunk], params, should_stop,
-                                    None if on_step is None else _in_chunk(on_step, chunk))
+                with without_device_rewrites():  # transformers on CPU: no CUDA to rewrite
+                    done = self._sample(ws.model, [prompts[r] for r in chunk],
+                                        [seeds[r] for r in chunk], params, should_stop,
+                                        None if on_step is None else _in_chunk(on_step, chunk))
                 for r, c in zip(chunk, done):
                     out[r] = c
         finally:
