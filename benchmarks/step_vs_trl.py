@@ -3,8 +3,7 @@
     python benchmarks/step_vs_trl.py [--steps 12] [--warmup 2] [--repeats 2]
         [--sides trl,srt,mgrpo,srt_full,mgrpo_full] [--workdir DIR] [--keep]
 
-About 10 minutes with the defaults on 2 cores (an estimate from a 5-step run on a busy
-machine; most of it is the six processes' start-up). `python` is one with trl beside this
+About 2.5 minutes a repeat on 2 cores (most of it the processes' start-up). `python` is one with trl beside this
 package's dependencies (`pip install -e '.[bench]'`); without trl it exits with one line
 (`--sides srt,mgrpo` runs ours alone). The package imported is this checkout's (its root goes
 first on PYTHONPATH).
