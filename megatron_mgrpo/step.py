@@ -2,7 +2,8 @@
 
   1. sample M completions per prompt from the policy and N from the momentum model;
   2. vote over all M + N answers -> pseudo-labels -> binary rewards (true labels in rlvr);
-  3. the policy's log-probs and token entropies of every completion (one forward);
+  3. the policy's log-probs and token entropies of every completion (one forward; skipped
+     where the update is exactly on-policy: the training forward gives them, `reuses_forward`);
   4. behaviour log-probs for the momentum model's rows (the engine's: it sampled them); with
      `algorithm.tis_cap`, the policy's own for every row, the engine's through a truncated
      importance weight instead;
@@ -27,8 +28,8 @@ import torch
 from megatron_mgrpo.algorithm import truncated_importance_weights
 from megatron_mgrpo.models.policy import NonFiniteUpdate
 from megatron_mgrpo.timing import PhaseTimer
-from megatron_mgrpo.update import (Scored, make_loss_fn, plan_update, score_groups,
-                                   trained_columns)
+from megatron_mgrpo.update import (Scored, entropy_summary, make_loss_fn, plan_update,
+                                   score_groups, trained_columns)
 
 
 @dataclasses.dataclass
@@ -120,38 +121,50 @@ def rl_step(session, source: RolloutSource, prompts: Sequence, step: int,
     with timer("score"):
         scored = score_groups(batch.answers, mode, session.grader.equivalent, a.min_agreement,
                               [p.answer for p in prompts])
-    with timer("logprob"):
-        logprobs, entropy = policy.logprobs_global({"input_ids": batch.input_ids})
+    reuse = reuses_forward(a, mode)
+    logprobs = entropy = None
+    if not reuse:
+        with timer("logprob"):
+            logprobs, entropy = policy.logprobs_global({"input_ids": batch.input_ids})
     momentum_rows = _momentum_rows(batch, mode)
-    if a.tis_cap is None:
-        # The momentum model's completions were sampled by it: their behaviour log-probs are
-        # the engine's, not the policy's.
-        old = logprobs.clone()
-        old[momentum_rows.to(old.device)] = batch.behaviour_logprobs[momentum_rows].to(old)
-        behaviour = None
-    else:
+    behaviour = None
+    if a.tis_cap is not None:
         # Decoupled PPO: the clip is around the proximal policy (the policy before this
         # update) on every row; the engine's log-probs, whoever sampled, enter only through
         # the truncated importance weight.
-        old = logprobs
-        behaviour = batch.behaviour_logprobs.to(device=logprobs.device, dtype=torch.float32)
+        behaviour = batch.behaviour_logprobs.to(dtype=torch.float32)
     with timer("reference"):
         ref = session.reference_logprobs(batch.input_ids)
     trained = trained_columns(mode, len(prompts),
                               torch.Generator().manual_seed(cfg.training.seed + step))
     update = plan_update(scored, mode, a, entropy, batch.completion_mask, trained)
-    metrics = {"step": step, **update.metrics,
-               "rollout_logprob_gap": _logprob_gap(batch, logprobs, ~momentum_rows)}
-    if behaviour is not None:
+    metrics = {"step": step, **update.metrics, "logprobs_reused": float(reuse)}
+    with timer("train"):
+        if reuse:  # the old log-probs are the training forward's own (the loss detaches them)
+            train_metrics, logprobs, entropy = _ppo(session, batch.input_ids, update.advantages,
+                                                    update.loss_mask, None, ref, step, behaviour)
+            if entropy is not None:  # None: a refused update (`on_nonfinite: skip`)
+                metrics.update(entropy_summary(entropy, batch.completion_mask, update.valid))
+        else:
+            old = logprobs
+            if a.tis_cap is None:
+                # The momentum model's completions were sampled by it: their behaviour
+                # log-probs are the engine's, not the policy's.
+                old = logprobs.clone()
+                old[momentum_rows.to(old.device)] = \
+                    batch.behaviour_logprobs[momentum_rows].to(old)
+            train_metrics = _ppo(session, batch.input_ids, update.advantages, update.loss_mask,
+                                 old, ref, step, behaviour)[0]
+    metrics.update(train_metrics)
+    if logprobs is not None:
+        metrics["rollout_logprob_gap"] = _logprob_gap(batch, logprobs, ~momentum_rows)
+    if behaviour is not None and logprobs is not None:
         # Prox and behaviour are fixed for the whole step, so the weights every minibatch
-        # uses are these: their exact global mean, max and truncated share, once.
-        w = truncated_importance_weights(logprobs, behaviour,
+        # used are these: their exact global mean, max and truncated share, once.
+        w = truncated_importance_weights(logprobs, behaviour.to(logprobs.device),
                                          update.loss_mask.to(logprobs.device), a.tis_cap)
         metrics.update(tis_weight_mean=float(w.mean), tis_weight_max=float(w.max),
                        tis_truncated_frac=float(w.truncated_frac))
-    with timer("train"):
-        metrics.update(_ppo(session, batch.input_ids, update.advantages, update.loss_mask, old,
-                            ref, step, behaviour))
     ahead_busy = 0.0
     if ahead is not None:
         with timer("overlap_wait"):  # no weights change under a generation
@@ -175,6 +188,16 @@ def rl_step(session, source: RolloutSource, prompts: Sequence, step: int,
     return StepRecord(metrics, batch, scored, logprobs)
 
 
+def reuses_forward(a, mode) -> bool:
+    """True when the training forward itself gives the policy's log-probs before the update:
+    one PPO epoch of one minibatch (the forward's weights are those before the only optimizer
+    step), no IQR filter (it needs the entropies before the update), and no trained row whose
+    old log-probs are the engine's (momentum rows trained on without `tis_cap`)."""
+    return (not a.recompute_logprobs and a.ppo_epochs == 1 and a.ppo_minibatches == 1
+            and not mode.use_iqr_filter
+            and (a.tis_cap is not None or not mode.train_on_momentum_rollouts))
+
+
 def _momentum_rows(batch: RolloutBatch, mode) -> torch.Tensor:
     """bool [P * G]: rows the momentum model sampled (columns [M, G) of each group)."""
     rows = torch.arange(batch.input_ids.shape[0])
@@ -192,12 +215,16 @@ def _logprob_gap(batch: RolloutBatch, policy_logprobs: torch.Tensor,
 
 
 def _ppo(session, input_ids, advantages, loss_mask, old_logprobs, ref_logprobs, step: int,
-         behaviour_logprobs=None) -> Dict[str, float]:
+         behaviour_logprobs=None):
     """PPO epochs x minibatches over this step's rollouts (each rank its DP shard); the
-    momentum model moves once, inside the last optimizer step."""
+    momentum model moves once, inside the last optimizer step. Returns the metrics and,
+    without `old_logprobs` (one exactly on-policy update), the training forward's log-probs
+    and entropies of the whole batch ([B, S] each, on every rank; else None, None)."""
     a, policy, momentum = session.cfg.algorithm, session.policy, session.momentum
-    full = {"input_ids": input_ids, "loss_mask": loss_mask, "advantages": advantages,
-            "old_logprobs": old_logprobs}
+    full = {"input_ids": input_ids, "loss_mask": loss_mask, "advantages": advantages}
+    keep_values = old_logprobs is None
+    if not keep_values:
+        full["old_logprobs"] = old_logprobs
     if ref_logprobs is not None:
         full["ref_logprobs"] = ref_logprobs
     if behaviour_logprobs is not None:
@@ -217,7 +244,8 @@ def _ppo(session, input_ids, advantages, loss_mask, old_logprobs, ref_logprobs, 
                        else contextlib.nullcontext())
                 with ema:
                     results.append(policy.train_step(policy.dp_shard(mini), loss_fn,
-                                                     with_entropy=a.entropy_coef > 0))
+                                                     with_entropy=a.entropy_coef > 0,
+                                                     keep_values=keep_values))
     except NonFiniteUpdate as e:
         # Nothing of the refused update was applied; `skip` leaves the rest of the step out
         # too (the EMA moves only with the step's last update, so it stays where it was).
@@ -225,11 +253,14 @@ def _ppo(session, input_ids, advantages, loss_mask, old_logprobs, ref_logprobs, 
             raise
         return {"loss": e.loss, "grad_norm": e.grad_norm, "nonfinite_skipped": 1.0,
                 "lr": policy.optimizer.param_groups[0]["lr"],
-                "updates_applied": float(len(results))}
+                "updates_applied": float(len(results))}, None, None
     final = results[-1]
     out = {"loss": sum(r.loss for r in results) / len(results),
            "grad_norm": max(r.grad_norm for r in results), "lr": final.lr,
            "num_tokens": float(sum(r.num_tokens for r in results))}
     for k in final.metrics:
         out[k] = sum(r.metrics[k] for r in results) / len(results)
-    return out
+    if not keep_values:
+        return out, None, None
+    lp, ent = policy.gather_dp(input_ids.shape[0], final.logprobs, final.entropy)
+    return out, lp, ent

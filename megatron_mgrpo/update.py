@@ -106,21 +106,27 @@ class UpdatePlan:
     """float [P * G, S]: completion tokens of trained, kept trajectories."""
     keep: torch.Tensor
     """bool [P * G]."""
+    valid: torch.Tensor
+    """bool [P * G]: trained trajectories with at least one token (the filter's population)."""
     metrics: Dict[str, float]
 
 
 def plan_update(scored: Scored, plan: ModePlan, alg: AlgorithmConfig,
-                token_entropy: torch.Tensor, completion_mask: torch.Tensor,
+                token_entropy: Optional[torch.Tensor], completion_mask: torch.Tensor,
                 trained: torch.Tensor) -> UpdatePlan:
     """IQR-filter the trained trajectories by entropy and compute their advantages.
 
     token_entropy, completion_mask: [P * G, S] (rows grouped by prompt, G per prompt).
+    Without the IQR filter `token_entropy` may be None (nothing here depends on it then): the
+    caller adds `entropy_summary` once it has the entropies.
     """
     p, g = scored.rewards.shape
-    h = trajectory_entropy(token_entropy, completion_mask)
     valid = trained.reshape(-1) & (completion_mask.sum(-1) > 0)
     metrics = dict(scored.metrics)
     if plan.use_iqr_filter:
+        if token_entropy is None:
+            raise ValueError("the IQR filter needs the policy's token entropies")
+        h = trajectory_entropy(token_entropy, completion_mask)
         f = iqr_entropy_filter(h, alg.iqr_k, valid=valid, entropy_floor=alg.entropy_floor)
         keep = f.keep
         metrics.update(entropy_q1=f.q1, entropy_q3=f.q3, entropy_fence=f.fence,
@@ -129,18 +135,31 @@ def plan_update(scored: Scored, plan: ModePlan, alg: AlgorithmConfig,
     else:
         keep = valid
         metrics.update(iqr_dropped_frac=0.0)
-    if int(valid.sum()):  # the filter's quantile rule over the same trajectories
-        q1, median, q3 = entropy_quartiles(h, valid)
-        metrics["entropy_median"] = median
-        if not plan.use_iqr_filter:  # the filter reported its own Q1 and Q3 above
-            metrics.update(entropy_q1=q1, entropy_q3=q3)
-    metrics["entropy_mean"] = float(h[valid].mean()) if int(valid.sum()) else 0.0
+    if token_entropy is not None:
+        # The filter reported its own Q1 and Q3 above.
+        metrics.update(entropy_summary(token_entropy, completion_mask, valid,
+                                       quartiles=not plan.use_iqr_filter))
     adv = group_advantages(scored.rewards, keep.reshape(p, g), eps=alg.advantage_eps,
                            filter_before_normalization=alg.filter_before_normalization)
     loss_mask = completion_mask.float() * keep.float()[:, None]
     metrics["trained_frac"] = float(keep.float().mean())
-    return UpdatePlan(advantages=adv.reshape(-1), loss_mask=loss_mask, keep=keep,
+    return UpdatePlan(advantages=adv.reshape(-1), loss_mask=loss_mask, keep=keep, valid=valid,
                       metrics=metrics)
+
+
+def entropy_summary(token_entropy: torch.Tensor, completion_mask: torch.Tensor,
+                    valid: torch.Tensor, quartiles: bool = True) -> Dict[str, float]:
+    """Median (and Q1, Q3: the filter's quantile rule) and mean of the valid trajectories'
+    entropies."""
+    h = trajectory_entropy(token_entropy, completion_mask)
+    metrics = {}
+    if int(valid.sum()):
+        q1, median, q3 = entropy_quartiles(h, valid)
+        metrics["entropy_median"] = median
+        if quartiles:
+            metrics.update(entropy_q1=q1, entropy_q3=q3)
+    metrics["entropy_mean"] = float(h[valid].mean()) if int(valid.sum()) else 0.0
+    return metrics
 
 
 def make_loss_fn(alg: AlgorithmConfig):
@@ -149,7 +168,9 @@ def make_loss_fn(alg: AlgorithmConfig):
 
     The microbatch carries `loss_mask`, `advantages`, `old_logprobs`, with kl_coef > 0
     `ref_logprobs` and, with `tis_cap`, `behaviour_logprobs` (then `old_logprobs` are the
-    proximal policy's). The importance weights' mean, max and truncated share are not among
+    proximal policy's). Without `old_logprobs` the update is exactly on-policy: the old
+    log-probs are this forward's own, detached (the ratio is 1, its gradient the policy
+    gradient). The importance weights' mean, max and truncated share are not among
     the metric sums: they are fixed for the whole step, so `step.rl_step` logs them exactly,
     once, over the full batch (a max does not survive the policy's sum reduction).
     """
@@ -157,8 +178,9 @@ def make_loss_fn(alg: AlgorithmConfig):
 
     def loss_fn(logprobs, entropy, micro):
         mask = micro["loss_mask"]
+        old = micro.get("old_logprobs")
         loss_sum, stats = clipped_surrogate_loss(
-            logprobs, micro["old_logprobs"], micro["advantages"], mask,
+            logprobs, logprobs.detach() if old is None else old, micro["advantages"], mask,
             clip_low=alg.clip_low, clip_high=alg.clip_high,
             ref_logprobs=micro.get("ref_logprobs"), kl_coef=alg.kl_coef,
             entropy=entropy, entropy_coef=alg.entropy_coef, num_tokens=1.0,

@@ -35,6 +35,43 @@ def test_a_virtual_pipeline_runs_the_same_loop(tmp_path):
         assert history[0]["entropy_mean"] == pytest.approx(ref[0]["entropy_mean"], rel=1e-4)
 
 
+REUSE_LAYOUTS = {"dp2": [], "pp2": ["--parallel.pipeline_parallel", "2"]}
+
+
+def reuse_worker(base, root):
+    """srt (no IQR filter, one epoch of one minibatch: exactly on-policy) with the old
+    log-probs from the training forward, then from the separate forward, in each layout."""
+    out = {}
+    for layout, extra in REUSE_LAYOUTS.items():
+        for recompute in (False, True):
+            run_dir = os.path.join(root, f"{layout}_{recompute}")
+            out[layout, recompute] = train_worker(overrides(
+                base, run_dir, 2, "--algorithm.mode", "srt", "--rollout.num_momentum_rollouts",
+                "0", "--algorithm.iqr_filter", "false", "--training.eval_interval", "0",
+                "--eval.interval", "0",
+                "--algorithm.recompute_logprobs", str(recompute).lower(), *extra))[0]
+    return out
+
+
+def test_an_on_policy_update_takes_its_old_logprobs_from_the_training_forward(tiny_base,
+                                                                              tmp_path):
+    """Skipping the separate log-prob forward changes no number: over 2 DP ranks (the values
+    gathered from each rank's shard) and over 2 pipeline stages (broadcast from the last), both
+    steps' rollouts, votes, losses, grad norms, entropy quartiles and rollout gap are the
+    bitwise same as with the forward (the same kernels on the same rows: the training
+    forward, before its only optimizer step, computes what the separate one does)."""
+    for ranks in run_workers(reuse_worker, 2, tiny_base, str(tmp_path)):
+        for layout in REUSE_LAYOUTS:
+            reused, recomputed = ranks[layout, False], ranks[layout, True]
+            assert [m["logprobs_reused"] for m in reused] == [1.0, 1.0], layout
+            assert [m["logprobs_reused"] for m in recomputed] == [0.0, 0.0], layout
+            assert "logprob_time_s" not in reused[0] and "logprob_time_s" in recomputed[0]
+            for a, b in zip(strip_timing(reused), strip_timing(recomputed)):
+                a.pop("logprobs_reused"), b.pop("logprobs_reused")
+                assert a == b, layout
+                assert a["rollout_logprob_gap"] < 1e-5 and a["entropy_q1"] < a["entropy_q3"]
+
+
 @pytest.mark.parametrize("mode", [
     ["--algorithm.mode", "srt", "--rollout.num_momentum_rollouts", "0"],
     ["--algorithm.mode", "ttrl", "--rollout.num_momentum_rollouts", "0",

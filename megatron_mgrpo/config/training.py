@@ -112,6 +112,13 @@ class AlgorithmConfig:
     null (default): off, the plain PPO loss. 2.0 is verl's default. At least 1, so that a token
     sampled by the proximal policy itself keeps weight 1."""
 
+    recompute_logprobs: bool = False
+    """Run the separate forward for the policy's log-probs before the update even where the
+    update is exactly on-policy (one PPO epoch of one minibatch, no IQR filter): there the
+    training forward's own log-probs, taken before its only optimizer step, are the same
+    numbers, and the step skips that forward (`logprobs_reused` 1 in the metrics).
+    true: always run it (to compare the two paths, or to time it)."""
+
     def validate(self, rollout: RolloutConfig) -> None:
         """Check this section, and the rollout counts against the mode's rules; ConfigError
         naming the field."""

@@ -7,6 +7,8 @@ megatron training:
 - `train_step(batch, loss_fn)`: forward + backward + optimizer step. `loss_fn` turns a
   microbatch's log-probs (and entropies) into a per-token loss *sum*; megatron divides the
   gradients by the global token count, so the objective is a token mean over the global batch.
+  With `keep_values` it also hands back the forward's log-probs and entropies (the policy
+  before the step), so an exactly on-policy update needs no separate `logprobs` forward.
 
 Batches are dicts of tensors with a leading batch dimension: `input_ids` [B, S] (prompt and
 completion, right-padded), `loss_mask` [B, S] (1 where a token is trained on) and whatever the
@@ -36,6 +38,10 @@ LossFn = Callable[[torch.Tensor, Optional[torch.Tensor], Batch],
                   Tuple[torch.Tensor, torch.Tensor, Dict[str, torch.Tensor]]]
 
 
+# Per-token tensors in the schedule's data store, beside the loss function's metric sums.
+_VALUE_KEYS = ("logprobs", "entropy")
+
+
 class NonFiniteUpdate(FloatingPointError):
     """An update refused because its loss or gradient norm is not finite (nothing changed)."""
 
@@ -58,6 +64,10 @@ class StepResult:
     """Sums over the global batch of what `loss_fn` reported, divided by num_tokens."""
     lr: float
     """Learning rate used for this step."""
+    logprobs: Optional[torch.Tensor] = None
+    """With `keep_values`: [B, S] the forward's log-probs of this rank's shard, before the step."""
+    entropy: Optional[torch.Tensor] = None
+    """With `keep_values`: [B, S] their token entropies."""
 
 
 def _split_micro(batch: Batch, micro_batch_size: int, pad: bool = True) -> List[Batch]:
@@ -187,32 +197,36 @@ class MegatronPolicy:
         for c in self.ddp_chunks:
             c.train(mode)
 
-    def _forward_step(self, data_iterator, model, loss_fn=None, with_entropy=True):
-        micro = next(data_iterator)
-        ids = micro["input_ids"].to(self.ctx.device)
+    def _forward_step(self, data_iterator, model, loss_fn=None, with_entropy=True,
+                      keep_values=False):
+        # The loss's tensors (masks, advantages, log-probs) come from the host batch too.
+        micro = {k: v.to(self.ctx.device) for k, v in next(data_iterator).items()}
+        ids = micro["input_ids"]
         pos = torch.arange(ids.shape[1], device=ids.device).unsqueeze(0).expand_as(ids)
         output = model(ids, pos, None)
-        return output, partial(self._loss_func, micro, ids, loss_fn, with_entropy)
+        return output, partial(self._loss_func, micro, ids, loss_fn, with_entropy, keep_values)
 
-    def _loss_func(self, micro, ids, loss_fn, with_entropy, logits):
+    def _loss_func(self, micro, ids, loss_fn, with_entropy, keep_values, logits):
         lp, ent = completion_logprobs(
             logits, ids, self.ctx.tp_group, self.ctx.tp_rank, self.ctx.tp_size,
             real_vocab_size=self.model_cfg.vocab_size, temperature=self.temperature,
-            with_entropy=with_entropy)
-        if loss_fn is None:  # forward only: hand the values back through the data store
-            zero = lp.sum() * 0.0
-            values = {"logprobs": lp.detach()}
-            if ent is not None:
-                values["entropy"] = ent.detach()
-            return zero, torch.tensor(0, dtype=torch.int), values
-        loss_sum, num_tokens, metrics = loss_fn(lp, ent, micro)
+            with_entropy=with_entropy or keep_values)
+        values = {"logprobs": lp.detach()}  # handed back through the schedule's data store
+        if ent is not None:
+            values["entropy"] = ent.detach()
+        if loss_fn is None:  # forward only
+            return lp.sum() * 0.0, torch.tensor(0, dtype=torch.int), values
+        # Entropy kept only as a value stays out of the loss, so no gradient runs through it.
+        loss_sum, num_tokens, metrics = loss_fn(lp, ent if with_entropy else None, micro)
         metrics = {k: v.detach().float() for k, v in metrics.items()}
         metrics["loss_sum"] = loss_sum.detach().float()
         metrics["num_tokens"] = num_tokens.detach().float()
+        if keep_values:
+            metrics.update(values)
         return loss_sum, num_tokens.to(torch.int), metrics
 
     def _run(self, batch: Batch, loss_fn: Optional[LossFn], forward_only: bool,
-             with_entropy: bool):
+             with_entropy: bool, keep_values: bool = False):
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
         micros = _split_micro(batch, self.parallel.micro_batch_size, pad=self.ctx.pp_size > 1)
@@ -227,7 +241,7 @@ class MegatronPolicy:
         data = [iter(micros) for _ in self.ddp_chunks] if self.ctx.vp_size > 1 else iter(micros)
         return micros, fb(
             forward_step_func=partial(self._forward_step, loss_fn=loss_fn,
-                                      with_entropy=with_entropy),
+                                      with_entropy=with_entropy, keep_values=keep_values),
             data_iterator=data,
             model=self.ddp_chunks,
             num_microbatches=len(micros),
@@ -241,8 +255,15 @@ class MegatronPolicy:
                  ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         """Per-token log-probs [B, S] (position t scores token t) and entropies, on all ranks."""
         self._set_train(False)
-        n, seq_len = batch["input_ids"].shape
         _, store = self._run(batch, None, forward_only=True, with_entropy=with_entropy)
+        self._set_train(True)
+        return self._values(store, batch["input_ids"].shape, with_entropy)
+
+    def _values(self, store, shape, with_entropy: bool
+                ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """The per-token log-probs (and entropies) the loss function put in the data store,
+        [B, S] on every stage."""
+        n, seq_len = shape
         if self.ctx.is_last_stage:
             lp = torch.cat([d["logprobs"] for d in store])[:n]
             ent = torch.cat([d["entropy"] for d in store])[:n] if with_entropy else None
@@ -254,7 +275,6 @@ class MegatronPolicy:
             dist.broadcast(lp, src=src, group=self.ctx.pp_group)
             if ent is not None:
                 dist.broadcast(ent, src=src, group=self.ctx.pp_group)
-        self._set_train(True)
         return lp, ent
 
     def dp_shard(self, batch: Batch) -> Batch:
@@ -271,19 +291,21 @@ class MegatronPolicy:
                         ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         """`logprobs` of a global batch: each DP rank scores its shard, then all-gather, so
         every rank holds [B, S] for the whole batch (the IQR fence is over the global batch)."""
-        n = batch["input_ids"].shape[0]
         lp, ent = self.logprobs(self.dp_shard(batch), with_entropy)
-        if self.ctx.dp_size == 1:
-            return lp[:n], (ent[:n] if ent is not None else None)
+        return self.gather_dp(batch["input_ids"].shape[0], lp, ent)
+
+    def gather_dp(self, n: int, *shards: Optional[torch.Tensor]) -> List[Optional[torch.Tensor]]:
+        """Each DP rank's [b, S] shard (`dp_shard`'s rows) -> the global batch's first `n`
+        rows, on every rank (None stays None)."""
         out = []
-        for t in (lp, ent):
-            if t is None:
-                out.append(None)
+        for t in shards:
+            if t is None or self.ctx.dp_size == 1:
+                out.append(t[:n] if t is not None else None)
                 continue
             parts = [torch.empty_like(t) for _ in range(self.ctx.dp_size)]
             dist.all_gather(parts, t.contiguous(), group=self.ctx.dp_group)
             out.append(torch.cat(parts)[:n])
-        return out[0], out[1]
+        return out
 
     # ---- update ----------------------------------------------------------------------------
 
@@ -292,24 +314,32 @@ class MegatronPolicy:
         """Forward + backward into the (DP-reduced, token-normalised) grad buffers.
 
         Returns (global token-mean loss, global token count, metric means)."""
+        return self._forward_backward(batch, loss_fn, with_entropy, keep_values=False)[0]
+
+    def _forward_backward(self, batch: Batch, loss_fn: LossFn, with_entropy: bool,
+                          keep_values: bool):
         if not self.trainable:
             raise RuntimeError("this model was built frozen (trainable=False)")
         self._set_train(True)
         for c in self.ddp_chunks:
             c.zero_grad_buffer()
         self.optimizer.zero_grad()
-        _, store = self._run(batch, loss_fn, forward_only=False, with_entropy=with_entropy)
-        return self._reduce_metrics(store)
+        _, store = self._run(batch, loss_fn, forward_only=False, with_entropy=with_entropy,
+                             keep_values=keep_values)
+        values = (self._values(store, batch["input_ids"].shape, with_entropy=True)
+                  if keep_values else (None, None))
+        return self._reduce_metrics(store), values
 
-    def train_step(self, batch: Batch, loss_fn: LossFn, with_entropy: bool = False
-                   ) -> StepResult:
+    def train_step(self, batch: Batch, loss_fn: LossFn, with_entropy: bool = False,
+                   keep_values: bool = False) -> StepResult:
         """One optimizer step on this batch (this rank's DP shard of it)."""
-        loss, num_tokens, metrics = self.compute_grads(batch, loss_fn, with_entropy)
+        (loss, num_tokens, metrics), (lp, ent) = self._forward_backward(
+            batch, loss_fn, with_entropy, keep_values)
         lr = self.optimizer.param_groups[0]["lr"]
         grad_norm = self._step_if_finite(loss)
         self.scheduler.step(increment=1)
         return StepResult(loss=loss, grad_norm=grad_norm, num_tokens=num_tokens,
-                          metrics=metrics, lr=lr)
+                          metrics=metrics, lr=lr, logprobs=lp, entropy=ent)
 
     @torch.no_grad()
     def _step_if_finite(self, loss: float) -> float:
@@ -337,7 +367,8 @@ class MegatronPolicy:
     def _reduce_metrics(self, store) -> Tuple[float, int, Dict[str, float]]:
         """Sum the per-microbatch metric sums over microbatches and DP ranks; every PP stage
         gets the last stage's numbers. Returns (loss, tokens, metrics), token means."""
-        keys = sorted(store[0]) if (self.ctx.is_last_stage and store) else None
+        keys = (sorted(k for k in store[0] if k not in _VALUE_KEYS)
+                if (self.ctx.is_last_stage and store) else None)
         if self.ctx.pp_size > 1:  # only the last stage ran the loss and knows the keys
             holder = [keys]
             src = dist.get_global_rank(self.ctx.pp_group, self.ctx.pp_size - 1)
