@@ -1,4 +1,4 @@
-"""The embedded rollout engine: transformers' own models, in this process (CPU runs and tests).
+"""The embedded rollout engine: transformers' models, in this process (CPU runs and tests).
 
 One `AutoModelForCausalLM` per weight set ("policy", "momentum"), built from an HF config dict
 (random init, the same for both sets) or loaded offline from an HF directory.
@@ -10,9 +10,11 @@ than `model.generate`, for two things `generate` does not give:
   `generate`'s scores are post-processing (top-p rows are -inf);
 - per-request seeds: `generate` draws from the global RNG, so one request's tokens depend on
   the rest of the batch.
-Prompts are left-padded, position ids count real tokens only, the KV cache is transformers'
-`DynamicCache`, logits are computed for the last position only, and finished rows are dropped
-from the cache so that the batch shrinks as completions stop.
+Prompts are left-padded, position ids count real tokens only, logits are computed for the last
+position only, and finished rows are dropped from the cache so that the batch shrinks as
+completions stop. The forward is `fast_decode.Decoder` (the Llama family written out over the
+transformers model's own parameters, a cache allocated once per batch) where it covers the
+architecture, else transformers' forward with its `DynamicCache`.
 
 Seeding: every completion has its own random stream, seeded from (call seed, prompt tokens,
 occurrence of that prompt in the call, sample index j). Each step draws one uniform u per row
@@ -57,6 +59,9 @@ class _WeightSet:
     version: Optional[int] = None
     broken: Optional[str] = None
     """Why the set cannot generate (an update that did not complete), else None."""
+    fused: Optional[list] = None
+    """`fast_decode.fuse`'s tensors: the set decodes with `fast_decode.Decoder` (None: with
+    transformers' forward, an architecture that decoder does not cover)."""
 
 
 class EmbeddedEngine(RolloutEngine):
@@ -121,12 +126,16 @@ class EmbeddedEngine(RolloutEngine):
         return AutoModelForCausalLM.from_config(self.config)
 
     def _install(self, name: str, model: torch.nn.Module) -> None:
+        from megatron_mgrpo.rollout import fast_decode
+
         model = model.to(device=self.device, dtype=self.dtype).eval()
         model.requires_grad_(False)
+        fused = None if fast_decode.unsupported(model.config) else fast_decode.fuse(model)
         params = dict(model.named_parameters())
         tied = "lm_head.weight" not in params and "lm_head.weight" in model.state_dict()
         self._sets[name] = _WeightSet(model, params,
-                                      frozenset({"lm_head.weight"} if tied else ()))
+                                      frozenset({"lm_head.weight"} if tied else ()),
+                                      fused=fused)
         if not hasattr(self, "_cache_kw"):
             fwd = inspect.signature(model.forward).parameters
             self._cache_kw = "cache" if "cache" in fwd else "past_key_values"
@@ -286,7 +295,7 @@ class EmbeddedEngine(RolloutEngine):
             for start in range(0, len(rows), self.max_batch_size):
                 chunk = rows[start:start + self.max_batch_size]
                 with without_device_rewrites():  # transformers on CPU: no CUDA to rewrite
-                    done = self._sample(ws.model, [prompts[r] for r in chunk],
+                    done = self._sample(ws, [prompts[r] for r in chunk],
                                         [seeds[r] for r in chunk], params, should_stop,
                                         None if on_step is None else _in_chunk(on_step, chunk))
                 for r, c in zip(chunk, done):
@@ -306,12 +315,12 @@ class EmbeddedEngine(RolloutEngine):
                 raise ValueError(f"generate: prompt {i} has a token id outside [0, {vocab})")
         return prompts
 
-    def _sample(self, model, prompts: Sequence[List[int]], seeds: Sequence[int],
+    def _sample(self, ws: _WeightSet, prompts: Sequence[List[int]], seeds: Sequence[int],
                 params: SamplingParams, should_stop: Optional[Callable[[], bool]] = None,
                 on_step: Optional[StepCallback] = None) -> List[Completion]:
         """One batch: left-padded prefill, then one token per step for the unfinished rows
         (`on_step`'s rows are this batch's)."""
-        from transformers import DynamicCache
+        from megatron_mgrpo.rollout.fast_decode import Decoder
 
         dev, b, steps = self.device, len(prompts), params.max_new_tokens
         width = max(len(p) for p in prompts)
@@ -329,13 +338,11 @@ class EmbeddedEngine(RolloutEngine):
         stop_ids = torch.tensor(sorted(set(params.stop_token_ids)), dtype=torch.long,
                                 device=dev)
 
-        try:
-            cache = DynamicCache(config=model.config)
-        except TypeError:  # transformers < 4.56
-            cache = DynamicCache()
-        kw = {self._cache_kw: cache, "use_cache": True, "logits_to_keep": 1}
-        logits = model(input_ids=ids, attention_mask=mask, position_ids=positions,
-                       **kw).logits[:, -1]
+        if ws.fused is not None:
+            decoder = Decoder(ws.model, ws.fused, b, width + steps)
+        else:
+            decoder = _TransformersDecoder(ws.model, self._cache_kw)
+        logits = decoder.prefill(ids, mask, positions)
 
         tokens = torch.zeros(b, steps, dtype=torch.long, device=dev)
         logprobs = torch.zeros(b, steps, dtype=torch.float32, device=dev)
@@ -367,13 +374,11 @@ class EmbeddedEngine(RolloutEngine):
                 keep = (~hit).nonzero().squeeze(1)
                 if keep.numel() == 0:
                     break
-                cache.batch_select_indices(keep)
-                active, mask, next_pos, tok = active[keep], mask[keep], next_pos[keep], tok[keep]
+                decoder.select(keep)
+                active, next_pos, tok = active[keep], next_pos[keep], tok[keep]
             if t == steps - 1:
                 break
-            mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
-            logits = model(input_ids=tok[:, None], attention_mask=mask,
-                           position_ids=next_pos[:, None], **kw).logits[:, -1]
+            logits = decoder.step(tok, next_pos)
             next_pos = next_pos + 1
 
         tokens, logprobs = tokens.cpu().tolist(), logprobs.cpu().tolist()
@@ -382,6 +387,34 @@ class EmbeddedEngine(RolloutEngine):
                            finish_reason="stop" if stopped[r] else
                            "abort" if aborted and int(lengths[r]) < steps else "length")
                 for r in range(b)]
+
+
+class _TransformersDecoder:
+    """`fast_decode.Decoder`'s interface over transformers' forward and `DynamicCache`."""
+
+    def __init__(self, model: torch.nn.Module, cache_kw: str):
+        from transformers import DynamicCache
+
+        try:
+            cache = DynamicCache(config=model.config)
+        except TypeError:  # transformers < 4.56
+            cache = DynamicCache()
+        self.model, self.cache, self.mask = model, cache, None
+        self.kw = {cache_kw: cache, "use_cache": True, "logits_to_keep": 1}
+
+    def prefill(self, ids, mask, positions):
+        self.mask = mask
+        return self.model(input_ids=ids, attention_mask=mask, position_ids=positions,
+                          **self.kw).logits[:, -1]
+
+    def step(self, tokens, positions):
+        self.mask = torch.cat([self.mask, self.mask.new_ones(self.mask.shape[0], 1)], dim=1)
+        return self.model(input_ids=tokens[:, None], attention_mask=self.mask,
+                          position_ids=positions[:, None], **self.kw).logits[:, -1]
+
+    def select(self, rows):
+        self.cache.batch_select_indices(rows)
+        self.mask = self.mask[rows]
 
 
 def _in_chunk(on_step: StepCallback, chunk: List[int]) -> StepCallback:
