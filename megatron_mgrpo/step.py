@@ -100,8 +100,9 @@ class StepRecord:
     metrics: Dict[str, float]
     batch: RolloutBatch
     scored: Scored
-    logprobs: torch.Tensor
-    """[P * G, S] the policy's log-probs before the update."""
+    logprobs: Optional[torch.Tensor]
+    """[P * G, S] the policy's log-probs before the update (None: a refused update whose
+    log-probs came from its own training forward)."""
 
 
 def rl_step(session, source: RolloutSource, prompts: Sequence, step: int,
