@@ -164,10 +164,10 @@ class EngineSource:
     def _take(self, prompt_ids, step: int) -> Dict[str, Tuple[list, Optional[int]]]:
         """What was made ahead for this step (its times into the timer); {} if nothing was,
         or it was for other prompts (the sampler was rewound after a failed step)."""
+        self.settle()  # a no-op after the step's own settle(); not after a failed step
         job, self._ahead = self._ahead, None
         if job is None:
             return {}
-        job.thread.join()
         if job.step != step or job.prompt_ids != [list(p) for p in prompt_ids]:
             return {}
         if job.error is not None:
