@@ -397,3 +397,9 @@ def test_band_is_mean_min_max_over_members():
     steps, mean, lo, hi = plot_sweep.band([{0: 1.0, 1: 3.0}, {0: 3.0, 2: 5.0}])
     assert (steps, mean, lo, hi) == ([0, 1, 2], [2.0, 3.0, 5.0], [1.0, 3.0, 5.0],
                                      [3.0, 3.0, 5.0])
+    # The report's band: mean -+ the sample std (n - 1), 0 where one member has the step.
+    steps, mean, lo, hi = plot_sweep.band([{0: 1.0, 1: 3.0}, {0: 3.0}, {0: 8.0}],
+                                          spread="std")
+    sd = (((1 - 4) ** 2 + (3 - 4) ** 2 + (8 - 4) ** 2) / 2) ** 0.5
+    assert steps == [0, 1] and mean == [4.0, 3.0]
+    assert lo == pytest.approx([4 - sd, 3.0]) and hi == pytest.approx([4 + sd, 3.0])

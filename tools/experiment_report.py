@@ -42,6 +42,7 @@ sys.path.insert(0, os.path.join(REPO, "tools"))
 from megatron_mgrpo.collapse import find_collapse_step  # noqa: E402
 from megatron_mgrpo.config.reporting import DiagnosticsConfig  # noqa: E402
 from megatron_mgrpo.metrics import read_metrics  # noqa: E402
+from plot_sweep import band, series  # noqa: E402
 from sweep import CELL_TIMES, SweepError, load_sweep, make_cells, yaml_value  # noqa: E402
 
 KEPT = ("step", "val_accuracy", "val_maj", "reward_mean", "pseudo_label_acc", "vote_agreement",
@@ -101,8 +102,8 @@ def load_raw(cells: List[Dict[str, Any]], raw_dir: str) -> Dict[str, List[Dict[s
 
 
 def points(rows: List[Dict[str, Any]], metric: str) -> List[Tuple[int, float]]:
-    return [(r["step"], float(r[metric])) for r in rows
-            if isinstance(r.get("step"), int) and isinstance(r.get(metric), (int, float))]
+    """(step, value) of the rows that log `metric`, by step (`plot_sweep.series`'s rule)."""
+    return sorted((step, float(v)) for step, v in series(rows, metric).items())
 
 
 def smooth(pts: List[Tuple[int, float]], window: int) -> List[Tuple[int, float]]:
@@ -165,18 +166,9 @@ class Arm:
         return out
 
 
-def band(series: List[List[Tuple[int, float]]]):
-    """Mean and +-1 std at each step any seed has, over the seeds that have it."""
-    steps = sorted({s for pts in series for s, _ in pts})
-    maps = [dict(pts) for pts in series]
-    mean, lo, hi = [], [], []
-    for s in steps:
-        vals = [m[s] for m in maps if s in m]
-        mu, sd = mean_std(vals)
-        mean.append(mu)
-        lo.append(mu - sd)
-        hi.append(mu + sd)
-    return steps, mean, lo, hi
+def spread_band(runs: List[List[Tuple[int, float]]]):
+    """Mean and +-1 sample std at each step any seed has, over the seeds that have it."""
+    return band([dict(pts) for pts in runs], spread="std")
 
 
 def plot_all(arms: List[Arm], raw_dir: str, iqr_k: float) -> List[str]:
@@ -193,10 +185,10 @@ def plot_all(arms: List[Arm], raw_dir: str, iqr_k: float) -> List[str]:
             continue
         fig, ax = plt.subplots(figsize=(7.5, 4.2))
         for arm in have:
-            series = [points(rows, metric) for rows in arm.runs.values()]
-            series = [smooth(p, SMOOTH) if smoothed else p for p in series if p]
-            steps, mean, lo, hi = band(series)
-            ax.plot(steps, mean, color=colors[arm.name], label=f"{arm.name} (n={len(series)})",
+            runs = [points(rows, metric) for rows in arm.runs.values()]
+            runs = [smooth(p, SMOOTH) if smoothed else p for p in runs if p]
+            steps, mean, lo, hi = spread_band(runs)
+            ax.plot(steps, mean, color=colors[arm.name], label=f"{arm.name} (n={len(runs)})",
                     marker=None if smoothed else ".")
             ax.fill_between(steps, lo, hi, color=colors[arm.name], alpha=0.15)
         ax.set_title(title + (f" ({SMOOTH}-step mean)" if smoothed else ""), fontsize=10)
@@ -215,7 +207,7 @@ def plot_all(arms: List[Arm], raw_dir: str, iqr_k: float) -> List[str]:
         for ax, arm in zip(axes.flat, have):
             per = {}
             for key in ("entropy_q1", "entropy_median", "entropy_q3"):
-                per[key] = band([smooth(points(rows, key), SMOOTH)
+                per[key] = spread_band([smooth(points(rows, key), SMOOTH)
                                  for rows in arm.runs.values() if points(rows, key)])
             steps = per["entropy_median"][0]
             q1, med, q3 = (per[k][1] for k in ("entropy_q1", "entropy_median", "entropy_q3"))

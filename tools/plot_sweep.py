@@ -17,6 +17,7 @@ import argparse
 import json
 import os
 import re
+import statistics
 import sys
 from typing import Dict, List, Optional, Tuple
 
@@ -49,11 +50,18 @@ def grouped(runs: List[Tuple[Dict, Series]], keys: List[str]) -> Dict[str, List[
     return groups
 
 
-def band(members: List[Series]) -> Tuple[List[int], List[float], List[float], List[float]]:
-    """Mean, min and max at each step any member has, over the members that have it."""
+def band(members: List[Series], spread: str = "range"
+         ) -> Tuple[List[int], List[float], List[float], List[float]]:
+    """Mean and a band at each step any member has, over the members that have it: their min
+    and max (`spread` "range"), or the mean -+ their sample std ("std"; 0 for one member)."""
     steps = sorted({st for s in members for st in s})
     at = [[s[st] for s in members if st in s] for st in steps]
-    return (steps, [sum(v) / len(v) for v in at], [min(v) for v in at], [max(v) for v in at])
+    means = [sum(v) / len(v) for v in at]
+    if spread == "range":
+        return steps, means, [min(v) for v in at], [max(v) for v in at]
+    sds = [statistics.stdev(v) if len(v) > 1 else 0.0 for v in at]
+    return (steps, means, [m - d for m, d in zip(means, sds)],
+            [m + d for m, d in zip(means, sds)])
 
 
 def plot(base: str, metrics: List[str], group_by: Optional[List[str]]) -> List[str]:
