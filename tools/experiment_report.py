@@ -235,34 +235,34 @@ def _save(fig, plt, raw_dir: str, name: str) -> str:
     return path
 
 
-def wall_clock_h(raw_dir: str) -> Optional[float]:
-    """Hours from the first cell's start to the last one's end (cell_times.jsonl's `end`)."""
+def read_cell_times(raw_dir: str) -> List[Dict[str, Any]]:
+    """tools/sweep.py's records of each cell's (or resumed piece's) wall time; [] without."""
+    path = os.path.join(raw_dir, CELL_TIMES)
+    if not os.path.isfile(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def wall_clock_h(times: List[Dict[str, Any]]) -> Optional[float]:
+    """Hours from the first cell's start to the last one's end (the records' `end`)."""
     import datetime
 
-    path = os.path.join(raw_dir, CELL_TIMES)
     spans = []
-    if os.path.isfile(path):
-        with open(path) as f:
-            for line in f:
-                t = json.loads(line) if line.strip() else {}
-                if "end" in t:
-                    end = datetime.datetime.strptime(t["end"], "%Y-%m-%d %H:%M:%S").timestamp()
-                    spans.append((end - float(t["seconds"]), end))
+    for t in times:
+        if "end" in t:
+            end = datetime.datetime.strptime(t["end"], "%Y-%m-%d %H:%M:%S").timestamp()
+            spans.append((end - float(t["seconds"]), end))
     if not spans:
         return None
     return (max(e for _, e in spans) - min(s for s, _ in spans)) / 3600
 
 
-def cell_costs(raw_dir: str) -> Dict[str, float]:
-    """Seconds per cell (summed over its resumed pieces) from cell_times.jsonl."""
-    path = os.path.join(raw_dir, CELL_TIMES)
+def cell_costs(times: List[Dict[str, Any]]) -> Dict[str, float]:
+    """Seconds per cell, summed over its resumed pieces."""
     out: Dict[str, float] = {}
-    if os.path.isfile(path):
-        with open(path) as f:
-            for line in f:
-                if line.strip():
-                    t = json.loads(line)
-                    out[t["cell"]] = out.get(t["cell"], 0.0) + float(t["seconds"])
+    for t in times:
+        out[t["cell"]] = out.get(t["cell"], 0.0) + float(t["seconds"])
     return out
 
 
@@ -329,7 +329,8 @@ def render(sweep_path: str, sweep: Dict[str, Any], report: Dict[str, Any], arms:
               "Mean over seeds, band +-1 std; per-step metrics smoothed over "
               f"{SMOOTH} steps.", ""]
     lines += [f"![{os.path.basename(p)[:-4]}]({rel(p)})" for p in figures]
-    costs = cell_costs(raw_dir)
+    times = read_cell_times(raw_dir)
+    costs = cell_costs(times)
     if costs:
         lines += ["", "## Cost", "",
                   "Wall seconds per run (tools/sweep.py's `cell_times.jsonl`, a run's resumed "
@@ -339,10 +340,9 @@ def render(sweep_path: str, sweep: Dict[str, Any], report: Dict[str, Any], arms:
             secs = [costs[c] for c in arm.runs if c in costs]
             lines.append(f"| {arm.name} | {fmt(secs, 0)} |")
         lines += ["", f"All cells: {sum(costs.values()) / 3600:.2f} h of run time."]
-        wall = wall_clock_h(raw_dir)
+        wall = wall_clock_h(times)
         if wall is not None:
-            jobs = sorted({json.loads(line).get("jobs", 1) for line in
-                           open(os.path.join(raw_dir, CELL_TIMES)) if line.strip()})
+            jobs = sorted({t.get("jobs", 1) for t in times})
             lines[-1] += (f" The grid took {wall:.2f} h of wall clock, "
                           f"{'/'.join(map(str, jobs))} cells at a time.")
     return "\n".join(lines) + "\n"
