@@ -294,7 +294,8 @@ class MegatronPolicy:
         lp, ent = self.logprobs(self.dp_shard(batch), with_entropy)
         return self.gather_dp(batch["input_ids"].shape[0], lp, ent)
 
-    def gather_dp(self, n: int, *shards: Optional[torch.Tensor]) -> List[Optional[torch.Tensor]]:
+    def gather_dp(self, n: int, *shards: Optional[torch.Tensor]
+                  ) -> Tuple[Optional[torch.Tensor], ...]:
         """Each DP rank's [b, S] shard (`dp_shard`'s rows) -> the global batch's first `n`
         rows, on every rank (None stays None)."""
         out = []
@@ -305,7 +306,7 @@ class MegatronPolicy:
             parts = [torch.empty_like(t) for _ in range(self.ctx.dp_size)]
             dist.all_gather(parts, t.contiguous(), group=self.ctx.dp_group)
             out.append(torch.cat(parts)[:n])
-        return out
+        return tuple(out)
 
     # ---- update ----------------------------------------------------------------------------
 
